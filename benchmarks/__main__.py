@@ -1,0 +1,181 @@
+"""Command line: ``python -m benchmarks ROUTE [ROUTE ...] --rows N [--rows N ...] [options]``.
+
+stdout carries only the JSON lines (one per route x row count); everything
+else (progress, Prefect's logs, the server's output) goes to stderr. Exit
+codes: 0 done, 1 a run failed, 2 bad arguments, 130 interrupted (Ctrl-C or
+SIGTERM). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import os
+import re
+import signal
+import sys
+import traceback
+from typing import Any, TextIO
+
+from .harness import DEFAULT_WARMUP_ROWS, Workspace, json_line, log, prepare_environment, run_benchmarks
+from .routes import ROUTES
+
+_SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def parse_rows(text: str, *, minimum: int = 1) -> int:
+    """A row count: ``200000``, ``200_000``, ``200k``, ``10M`` or ``1e6``."""
+    value = text.strip().replace("_", "").replace(",", "").lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)", value)
+    try:
+        if match:
+            number = float(match.group(1)) * _SUFFIXES.get(match.group(2), 1)
+        else:
+            number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a row count: {text!r} (try 200000, 200k, 10M or 1e6)") from None
+    if number < minimum or number != int(number):
+        raise argparse.ArgumentTypeError(f"a row count must be a whole number >= {minimum}, got {text!r}")
+    return int(number)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    return parse_rows(text, minimum=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure Ferry routes next to a bare-pyarrow baseline; one JSON line per route x row count.",
+    )
+    parser.add_argument("routes", nargs="*", metavar="ROUTE", help="route name(s), or `all` (see --list)")
+    parser.add_argument("--list", action="store_true", help="name the routes and their baselines, then exit")
+    parser.add_argument(
+        "--rows", action="append", type=parse_rows, metavar="N", help="rows per run; give it several times for several sizes"
+    )
+    parser.add_argument("--repeat", type=_positive, default=3, help="runs per figure; figures are medians (default 3)")
+    parser.add_argument("--parallel", type=_positive, default=2, help="Ferry's stream.parallel (default 2)")
+    parser.add_argument(
+        "--batch-size", type=_positive, default=65_536, help="rows per batch, Ferry and baseline (default 65536)"
+    )
+    parser.add_argument("--out", metavar="FILE", help="also append the JSON lines to FILE")
+    parser.add_argument(
+        "--warmup-rows",
+        type=_non_negative,
+        default=DEFAULT_WARMUP_ROWS,
+        metavar="N",
+        help=f"rows of the unmeasured warm-up per route, 0 for none (default {DEFAULT_WARMUP_ROWS})",
+    )
+    parser.add_argument(
+        "--tmpdir", metavar="DIR", help="create the temporary workspace under DIR (default: the system temp folder)"
+    )
+    return parser
+
+
+def list_routes(stream: TextIO) -> None:
+    width = max(len(name) for name in ROUTES)
+    for name, route in ROUTES.items():
+        stream.write(f"{name:<{width}}  baseline {route.baseline_name:<22}  {route.description}\n")
+
+
+def _detach_stdout() -> TextIO:
+    """Keep fd 1 for the JSON lines; send everything else that writes to stdout to stderr.
+
+    Works at the file-descriptor level, so the Prefect server subprocess (which
+    inherits fd 1) and any library printing to stdout cannot mix into the JSON.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(saved, "w", buffering=1, encoding="utf-8")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        list_routes(sys.stdout)
+        return 0
+    if not args.routes:
+        parser.error("name at least one route (or `all`); see --list")
+    names = list(ROUTES) if args.routes == ["all"] else args.routes
+    unknown = [n for n in names if n not in ROUTES]
+    if unknown:
+        parser.error(f"unknown route(s): {', '.join(unknown)}; known: {', '.join(ROUTES)}")
+    if not args.rows:
+        parser.error("--rows N is required (give it several times for several sizes)")
+    rows_list = list(dict.fromkeys(args.rows))
+    routes = [ROUTES[n] for n in dict.fromkeys(names)]
+
+    out_file = None
+    if args.out:
+        try:
+            out_file = open(args.out, "a", encoding="utf-8")
+        except OSError as exc:
+            parser.error(f"cannot open --out {args.out}: {exc.strerror}")
+
+    json_out = _detach_stdout()
+    workspace = Workspace(args.tmpdir)
+    # Registered before Prefect is imported, so it runs after Prefect's exit handlers
+    # (which stop the ephemeral server that keeps its database in the workspace).
+    atexit.register(workspace.close)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    prepare_environment(workspace)
+    log(
+        f"workspace {workspace.root}; routes {', '.join(r.name for r in routes)}; rows "
+        f"{', '.join(f'{n:,}' for n in rows_list)}; repeat {args.repeat}, parallel {args.parallel}, "
+        f"batch size {args.batch_size:,}"
+    )
+
+    def emit(record: dict[str, Any]) -> None:
+        line = json_line(record)
+        json_out.write(line + "\n")
+        json_out.flush()
+        if out_file is not None:
+            out_file.write(line + "\n")
+            out_file.flush()
+
+    try:
+        asyncio.run(
+            run_benchmarks(
+                routes,
+                rows_list,
+                workdir=workspace.data,
+                repeat=args.repeat,
+                parallel=args.parallel,
+                batch_size=args.batch_size,
+                warmup_rows=args.warmup_rows,
+                emit=emit,
+            )
+        )
+    except KeyboardInterrupt:
+        log("interrupted; removing the workspace")
+        return 130
+    except Exception:
+        log("a run failed:\n" + traceback.format_exc())
+        return 1
+    finally:
+        workspace.remove_data()
+        if out_file is not None:
+            out_file.close()
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bundled settings templates and example jobs (YAML)."""

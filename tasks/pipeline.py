@@ -1,0 +1,234 @@
+"""The partition pipeline: stream-read, transform and stream-write as Prefect task runs.
+
+One partition runs three task runs joined by bounded queues (``buffer_size``
+batches each), so reading, transforming and writing overlap and memory stays
+flat. Batches never travel as task results: they move through the queues on
+one event loop; the tasks return small summaries (``NO_CACHE``, nothing
+persisted). CPU-heavy Arrow work (transforms, checksums, encoding) runs in
+worker threads, where pyarrow releases the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.utilities.annotations import quote
+
+from ferry.backends.base import Backend, Partition, WriteContext
+from ferry.backends.checksum import Checksum
+from ferry.backends.errors import RejectLimitExceeded, TransientBackendError
+from ferry.backends.filters import Filter
+from ferry.backends.stream import StreamConfig, split_batch
+
+from .progress import RunTracker
+from .rejects import RejectsSink
+from .transforms import TransformChain
+
+#: Marks the end of a stream in a stage queue.
+END = object()
+
+
+@dataclass
+class PartitionJob:
+    """Everything one partition pipeline needs. Travels as one opaque task argument."""
+
+    partition: Partition
+    source: Backend
+    target: Backend
+    target_dataset: str
+    columns: list[str] | None
+    where: Filter | None
+    chain: TransformChain
+    conform: Any  # ferry.backends.types.SchemaDecision
+    #: False when transformed batches already have the write schema.
+    conform_needed: bool
+    write_ctx: WriteContext
+    stream: StreamConfig
+    tracker: RunTracker
+    rejects_dir: str
+    key: list[str]
+    on_error: str
+    max_rejected_rows: int
+    verify: bool
+    #: Filled by the stages.
+    checksum: Checksum = field(default_factory=Checksum)
+
+    @property
+    def pid(self) -> str:
+        return self.partition.id
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("ferry")
+
+
+@task(name="stream-read", cache_policy=NO_CACHE, persist_result=False)
+async def stream_read(job: PartitionJob, out: asyncio.Queue) -> dict[str, Any]:
+    """Read one partition from the source into ``out``, cut to the stream's batch limits."""
+    rows = batches = 0
+    started = time.perf_counter()
+    stream = job.stream
+    async for batch in job.source.read(
+        job.partition, columns=job.columns, where=job.where, batch_rows=stream.batch_size
+    ):
+        for piece in split_batch(batch, stream.batch_size, stream.batch_max_bytes):
+            job.tracker.add_read(job.pid, piece.num_rows)
+            await out.put(piece)
+            rows += piece.num_rows
+            batches += 1
+    await out.put(END)
+    seconds = time.perf_counter() - started
+    _logger().info("read %s rows in %s batches from %s in %.2fs", f"{rows:,}", batches, job.pid, seconds)
+    return {"partition": job.pid, "rows_read": rows, "batches": batches, "seconds": seconds}
+
+
+@task(name="transform", cache_policy=NO_CACHE, persist_result=False)
+async def transform_batches(job: PartitionJob, inbox: asyncio.Queue, out: asyncio.Queue) -> dict[str, Any]:
+    """Apply the job's transforms and schema policy; route bad rows to the rejects file."""
+    rows_in = rows_out = rejected = 0
+    rejects = RejectsSink(os.path.join(job.rejects_dir), job.pid, job.key)
+    passthrough = job.chain.is_identity and not job.conform_needed and not job.verify
+
+    def work(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, pa.Table | None]:
+        result = job.chain.apply(batch)
+        good = job.conform.conform(result.batch) if job.conform_needed else result.batch
+        if job.verify:
+            job.checksum.update(good)
+        return good, result.rejects
+
+    while True:
+        batch = await inbox.get()
+        if batch is END:
+            break
+        rows_in += batch.num_rows
+        if passthrough:
+            good, bad = batch, None
+        else:
+            good, bad = await asyncio.to_thread(work, batch)
+        if bad is not None and bad.num_rows:
+            count = rejects.add(batch, bad)
+            rejected += count
+            total = job.tracker.add_rejected(job.pid, count)
+            if total > job.max_rejected_rows:
+                raise RejectLimitExceeded(
+                    f"more than max_rejected_rows={job.max_rejected_rows} rows were rejected; "
+                    f"see the rejects in {rejects.folder} and fix the data or raise the limit",
+                    rows=total,
+                )
+        rejects.advance(batch.num_rows)
+        if good.num_rows:
+            rows_out += good.num_rows
+            await out.put(good)
+    await out.put(END)
+    path = await asyncio.to_thread(rejects.flush)
+    if path:
+        job.tracker.partition(job.pid).rejects_file = path
+        _logger().warning("%s rows of %s were rejected; kept in %s", f"{rejected:,}", job.pid, path)
+    return {"partition": job.pid, "rows_in": rows_in, "rows_out": rows_out, "rows_rejected": rejected}
+
+
+@task(name="stream-write", cache_policy=NO_CACHE, persist_result=False)
+async def stream_write(job: PartitionJob, inbox: asyncio.Queue) -> dict[str, Any]:
+    """Write the partition's batches to the target and commit them (idempotently)."""
+
+    async def batches() -> AsyncIterator[pa.RecordBatch]:
+        while True:
+            batch = await inbox.get()
+            if batch is END:
+                return
+            yield batch
+            job.tracker.add_written(job.pid, batch.num_rows)
+
+    result = await job.target.write(job.target_dataset, job.pid, batches(), job.write_ctx)
+    job.write_ctx.committed.add(job.pid)
+    job.tracker.mark_committed(job.pid)
+    progress = job.tracker.partition(job.pid)
+    progress.bytes_written = result.bytes_written
+    progress.files = result.files
+    progress.skipped = result.skipped
+    if result.skipped:
+        _logger().info("%s was committed by an earlier attempt of this run; skipped", job.pid)
+    else:
+        _logger().info(
+            "wrote %s rows of %s in %.2fs (%s bytes)",
+            f"{result.rows_written:,}",
+            job.pid,
+            result.duration_seconds,
+            f"{result.bytes_written:,}",
+        )
+    return result.to_dict()
+
+
+async def run_stages(*coroutines: Awaitable[Any]) -> list[Any]:
+    """Run pipeline stages together; the first failure cancels the others and is raised.
+
+    Unlike ``asyncio.gather`` this never leaves a stage blocked on a queue
+    whose other end has died, and unlike a TaskGroup it raises the original
+    exception rather than an exception group.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+    if failed:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise failed[0].exception()
+    return [t.result() for t in tasks]
+
+
+@task(name="migrate-partition", cache_policy=NO_CACHE, persist_result=False)
+async def migrate_partition(job: PartitionJob) -> dict[str, Any]:
+    """One partition end to end: read -> transform -> write, overlapping through bounded queues."""
+    started = time.perf_counter()
+    progress = job.tracker.partition(job.pid)
+    progress.attempts += 1
+    progress.status = "running"
+    job.tracker.reset_partition(job.pid)
+    job.checksum = Checksum()
+    raw: asyncio.Queue = asyncio.Queue(maxsize=job.stream.buffer_size)
+    ready: asyncio.Queue = asyncio.Queue(maxsize=job.stream.buffer_size)
+    # Pools are per event loop: open this partition's own handles (the pool
+    # manager hands back the loop's shared pool when one is open).
+    source, target = job.source.fresh(), job.target.fresh()
+    async with source, target:
+        job.source, job.target = source, target
+        _, transformed, written = await run_stages(
+            # quote(): Prefect must not copy or walk the job (it holds queues and live handles).
+            stream_read.with_options(task_run_name=f"read {job.pid}")(quote(job), quote(raw)),
+            transform_batches.with_options(task_run_name=f"transform {job.pid}")(quote(job), quote(raw), quote(ready)),
+            stream_write.with_options(task_run_name=f"write {job.pid}")(quote(job), quote(ready)),
+        )
+    progress.seconds = time.perf_counter() - started
+    progress.status = "skipped" if written["skipped"] else "committed"
+    return {
+        "partition": job.pid,
+        "rows_written": written["rows_written"],
+        "rows_rejected": transformed["rows_rejected"],
+        "skipped": written["skipped"],
+        "seconds": progress.seconds,
+        "checksum": job.checksum.to_dict(),
+    }
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a partition that failed with ``exc`` may be retried (transient backend errors only)."""
+    return isinstance(exc, TransientBackendError)
