@@ -21,12 +21,16 @@ to float64 and their bit pattern is hashed (every NaN becomes one canonical
 NaN; -0.0 and 0.0 differ); temporal types hash their stored integer in their
 own unit (date64 is hashed as days so that it matches date32 after a Parquet
 round trip); decimals hash their 128/256-bit two's complement words; strings
-and binaries use a multilinear hash over 8-byte words plus the length; lists
-mix each element's hash with its position and the list length; structs mix
-their children with their positions.  The checksum is for detecting accidental
-differences, not an adversarial-proof (cryptographic) digest.
+and binaries sum the mixed 8-byte words of their bytes (keyed by word
+position) plus a length term; lists mix each element's hash with its position
+and the list length (so a null list, an empty list and ``[null]`` differ);
+structs mix their children with their positions; dictionary arrays hash their
+decoded values; extension types hash their storage.  The checksum is for
+detecting accidental differences, not an adversarial-proof (cryptographic)
+digest.
 
-Everything is vectorized with numpy over the Arrow buffers.
+Everything is vectorized with numpy over the Arrow buffers, in windows of
+:data:`_WINDOW_ROWS` rows.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ _SALT_LIST_KEY = _U64(0x510E527FADE682D1)
 _SALT_STRUCT = _U64(0x9B05688C2B3E6C1F)
 _SALT_COLUMN = _U64(0x1F83D9ABFB41BD6B)
 _SALT_WORD = _U64(0x5BE0CD19137E2179)
-_SALT_DATE64 = _U64(0xCBBB9D5DC1059ED8)
+_SALT_DATE64 = _U64(0xCBBB9D5DC1059ED9)
 
 _M1 = _U64(0xBF58476D1CE4E5B9)
 _M2 = _U64(0x94D049BB133111EB)
@@ -188,6 +192,11 @@ def _hash_word_rows(words: np.ndarray) -> np.ndarray:
     return h
 
 
+# Above this many 8-byte words in the longest string, words are enumerated in
+# one flat array instead of one Python-level pass per word position.
+_MAX_WORD_PASSES = 32
+
+
 def _hash_bytes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Hash byte strings ``data[starts[i]:starts[i]+lengths[i]]``, vectorized.
 
@@ -202,58 +211,52 @@ def _hash_bytes(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np
         return np.empty(0, dtype=np.uint64)
     size = len(data)
     max_words = max((int(lengths.max()) + 7) >> 3, 1)
-    word_counts = None
-    loop = max_words == 1
-    if not loop:
-        word_counts = np.maximum((lengths + 7) >> 3, 1)
-        # Per-position passes cost about 2/3 of explicit enumeration per word
-        # slot (measured) but visit n * max_words slots instead of only the
-        # real words: they win unless lengths are skewed (e.g. mostly empty).
-        loop = 2 * max_words * n <= 3 * int(word_counts.sum()) + n
-    # Zero padding lets every 8-byte read (up to max_words past a start) stay in
-    # bounds without clamping positions.
-    pad = 8 * max_words if loop else 8
-    padded = np.zeros(size + pad, dtype=np.uint8)
+    # Zero padding keeps every 8-byte read inside the buffer.
+    padded = np.zeros(size + 8, dtype=np.uint8)
     padded[:size] = data
     # Unaligned overlapping view: element k is the little-endian uint64 at byte k.
-    at = np.ndarray((size + pad - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    at = np.ndarray((size + 1,), dtype="<u8", buffer=padded, strides=(1,))
     keys = _keys(max_words, _SALT_BYTES_KEY)
 
-    if loop:
-        acc = at[starts]
-        acc &= _BYTE_MASKS[np.minimum(lengths, 8)]
-        acc += keys[0]
-        _mix(acc)
-        for j in range(1, max_words):
-            rem = lengths - 8 * j
-            np.clip(rem, 0, 8, out=rem)
-            w = at[starts + 8 * j]
-            w &= _BYTE_MASKS[rem]
-            w += keys[j]
-            _mix(w)
-            # Words past a string's end must add nothing: its hash may not depend
-            # on how long the other strings in the batch are.
-            w &= _PRESENT[rem]
-            acc += w
+    if max_words <= _MAX_WORD_PASSES:
+        # Word 0 of every string, then word j only of the strings that have it:
+        # the selection shrinks each pass, so skewed lengths cost nothing extra.
+        acc = _hash_words(at, starts, lengths, keys[0])
+        idx = np.flatnonzero(lengths > 8)
+        j = 1
+        while idx.size:
+            rest = lengths[idx] - 8 * j
+            acc[idx] += _hash_words(at, starts[idx] + 8 * j, rest, keys[j])
+            idx = idx[rest > 8]
+            j += 1
     else:
-        first = np.cumsum(word_counts) - word_counts
-        total = int(first[-1] + word_counts[-1])
-        j = np.arange(total, dtype=np.int64) - np.repeat(first, word_counts)
-        pos = np.repeat(starts, word_counts) + 8 * j
-        rem = np.repeat(lengths, word_counts) - 8 * j
-        np.clip(rem, 0, 8, out=rem)
-        w = at[pos]
-        w &= _BYTE_MASKS[rem]
-        w += keys[j]
-        _mix(w)
-        acc = _segment_sums(w, first, word_counts)
+        counts = np.maximum((lengths + 7) >> 3, 1)
+        first = np.cumsum(counts) - counts
+        total = int(first[-1] + counts[-1])
+        j = np.arange(total, dtype=np.int64) - np.repeat(first, counts)
+        offset = 8 * j
+        words = _hash_words(
+            at, np.repeat(starts, counts) + offset, np.repeat(lengths, counts) - offset, keys[j]
+        )
+        acc = _segment_sums(words, first, counts)
     tail = lengths.view(np.uint64) ^ _SALT_BYTES_LEN
     tail *= _KEY_BYTES_LEN
     acc += tail
     return acc
 
 
-_PRESENT = np.array([0] + [_MASK64] * 8, dtype=np.uint64)  # indexed by bytes in the word
+def _hash_words(at: np.ndarray, pos: np.ndarray, remaining: np.ndarray, key: Any) -> np.ndarray:
+    """``mix(word + key)`` of the words at byte positions ``pos``.
+
+    ``remaining`` is how many bytes of the string are left from ``pos``; bytes
+    beyond it (the next string, or padding) are masked off.
+    """
+    w = at[pos]
+    w &= _BYTE_MASKS[np.minimum(remaining, 8)]
+    w += key
+    return _mix(w)
+
+
 _KEY_BYTES_LEN = _U64(0xD6E8FEB86659FD93)
 
 
@@ -472,7 +475,8 @@ class Checksum:
     def update(self, data: pa.RecordBatch | pa.Table) -> Checksum:
         """Add the rows of a batch or table; returns ``self`` for chaining."""
         data = _as_table_or_batch(data)
-        self._check_schema(schema_fingerprint(data.schema))
+        fingerprint = schema_fingerprint(data.schema)
+        self._check_schema(fingerprint, record=False)
         batches = (
             data.to_batches(max_chunksize=_WINDOW_ROWS) if isinstance(data, pa.Table) else [data]
         )
@@ -482,6 +486,7 @@ class Checksum:
                 window = batch.slice(start, _WINDOW_ROWS)
                 rows = _row_hashes(window.columns, window.num_rows)
                 total += int(rows.sum(dtype=np.uint64))
+        self._check_schema(fingerprint)
         self.value = (self.value + total) & _MASK64
         self.rows += data.num_rows
         return self
@@ -496,11 +501,12 @@ class Checksum:
 
     __add__ = combine
 
-    def _check_schema(self, fingerprint: str | None) -> None:
+    def _check_schema(self, fingerprint: str | None, record: bool = True) -> None:
         if fingerprint is None:
             return
         if self.schema_fingerprint is None:
-            self.schema_fingerprint = fingerprint
+            if record:
+                self.schema_fingerprint = fingerprint
         elif self.schema_fingerprint != fingerprint:
             raise ValueError(
                 "cannot combine checksums of different schemas "

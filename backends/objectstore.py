@@ -95,7 +95,9 @@ class ObjectStoreBackend(Backend):
         """The Parquet schema the files will have."""
         sink = pa.BufferOutputStream()
         pq.write_table(schema.empty_table(), sink)
-        return str(pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema).strip()
+        text = str(pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema).strip()
+        # The first line is the Python object's repr, not part of the schema.
+        return "\n".join(line for line in text.splitlines() if not line.startswith("<pyarrow"))
 
     def location(self, dataset: str) -> str:
         return self.data_path(dataset) if "filesystems" in self._live else self.dataset_path(dataset)

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 import warnings
 from typing import Any, Sequence
@@ -57,7 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferry`` console script."""
     args = _parser().parse_args(argv)
     debug = args.debug
-    warnings.simplefilter("default")
+    if not getattr(args, "verbose", False):
+        # Prefect's INFO lines still reach the API and the UI; the terminal shows
+        # Ferry's progress and summary instead. Must be set before Prefect is imported.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    # Ferry runs offline as often as not; Prefect's telemetry would only log failures.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     from ferry.backends.errors import ConfigurationError, FerryError
 
@@ -113,17 +117,6 @@ async def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quiet_prefect_console(verbose: bool) -> None:
-    """Keep Prefect's INFO lines out of the terminal (they still reach the API and UI)."""
-    if verbose:
-        return
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                if getattr(handler, "stream", None) in (sys.stdout, sys.stderr) or "Console" in type(handler).__name__:
-                    handler.setLevel(logging.WARNING)
-
-
 def _run(args: argparse.Namespace) -> int:
     from ferry.backends.errors import FerryError
 
@@ -137,9 +130,6 @@ def _run(args: argparse.Namespace) -> int:
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     print(f"ferry: running job {job.name!r} as run {run_id} (starting Prefect)...", file=sys.stderr)
 
-    import prefect.logging.configuration  # noqa: F401  (configures Prefect's handlers first)
-
-    _quiet_prefect_console(args.verbose)
     stop_progress = threading.Event()
     progress_thread = None
     if show_progress:

@@ -513,3 +513,14 @@ def test_steps_can_be_built_directly():
     result = TransformChain(steps).apply(pa.record_batch({"a": [1, 2, 3], "z": [0, 0, 0]}))
     assert result.batch.to_pydict() == {"a": [2, 3], "b": [3, 4]}
     assert PythonStep(ref="x:y", function=add_one_arrow) == PythonStep(ref="x:y", function=None)
+
+
+def test_rejects_after_a_row_dropping_hook_have_null_row_index():
+    data = pa.record_batch({"n": [1, 2, 3, 4], "v": ["1", "x", "3", "4"]})
+    result = chain(
+        [{"python": f"{HOOKS}:keep_even_pandas", "api": "pandas"}, {"cast": {"v": "int64"}}],
+        on_error="collect",
+    ).apply(data)
+    assert result.batch.column("n").to_pylist() == [4]
+    assert result.rejects.column("row_index").to_pylist() == [None]
+    assert result.rejects.column("value").to_pylist() == ["x"]
