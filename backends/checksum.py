@@ -400,7 +400,7 @@ def _hash_values(arr: pa.Array) -> np.ndarray:
         indices = _values(arr.indices, t.index_type.to_pandas_dtype())
         # mode="clip": index slots under nulls may hold any value.
         return dictionary.take(indices, mode="clip")
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         return _hash_array(arr.storage)
     if pa.types.is_run_end_encoded(t):
         return _hash_array(pc.run_end_decode(arr))

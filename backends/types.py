@@ -428,7 +428,7 @@ def normalize_type(t: pa.DataType) -> pa.DataType:
     """
     if pa.types.is_dictionary(t):
         return normalize_type(t.value_type)
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         return normalize_type(t.storage_type)
     if pa.types.is_run_end_encoded(t):
         return normalize_type(t.value_type)
@@ -634,7 +634,7 @@ def arrow_to_postgres(t: pa.DataType) -> str:
     (unions, for example).
     """
     t = _base_type(t)
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         name = getattr(t, "extension_name", "")
         if name == "arrow.json":
             return "jsonb"
@@ -684,7 +684,7 @@ def arrow_to_postgres(t: pa.DataType) -> str:
         or pa.types.is_large_list_view(t)
     ):
         element = _base_type(t.value_type)
-        if isinstance(element, pa.ExtensionType):
+        if isinstance(element, pa.BaseExtensionType):
             element = element.storage_type
         # PostgreSQL arrays must be rectangular and hold no composite values
         # without a declared type, so nested elements make the column jsonb.
@@ -707,7 +707,7 @@ def arrow_to_elasticsearch(t: pa.DataType) -> dict[str, Any]:
     properties; lists map like their element (fields are multi-valued).
     """
     t = _base_type(t)
-    if isinstance(t, pa.ExtensionType):
+    if isinstance(t, pa.BaseExtensionType):
         return arrow_to_elasticsearch(t.storage_type)
     simple = {
         pa.int8(): "byte",
