@@ -138,7 +138,7 @@ class ObjectStoreBackend(Backend):
 
         pair = await pool_manager.acquire(
             f"objectstore-{protocol}",
-            self.config_hash(),
+            self._filesystem_key(),
             make,
             per_loop=False,
             limits={"protocol": protocol},
@@ -149,7 +149,15 @@ class ObjectStoreBackend(Backend):
         if self._live.pop("filesystems", None) is None:
             return
         protocol, _ = self._protocol_and_root()
-        await pool_manager.release(f"objectstore-{protocol}", self.config_hash(), per_loop=False)
+        await pool_manager.release(f"objectstore-{protocol}", self._filesystem_key(), per_loop=False)
+
+    def _filesystem_key(self) -> str:
+        """Blocks that differ only in folder or file settings share one filesystem client."""
+        import hashlib
+
+        protocol, _ = self._protocol_and_root()
+        canonical = json.dumps({"protocol": protocol, "options": self.storage_options}, sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     # -- paths -----------------------------------------------------------------
     def dataset_path(self, dataset: str) -> str:

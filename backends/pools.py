@@ -135,8 +135,7 @@ class PoolManager:
             if entry is None:
                 return
             entry.refs -= 1
-            if entry.refs > 0 or not per_loop:
-                # Process-wide clients stay open for the next run; closed at exit.
+            if entry.refs > 0:
                 return
             del self._entries[key]
         if entry.closer is not None:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import time
 import traceback
 from typing import Any, TextIO
 
@@ -22,6 +23,16 @@ from .harness import DEFAULT_WARMUP_ROWS, Workspace, json_line, log, prepare_env
 from .routes import ROUTES
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+#: A second SIGINT/SIGTERM at least this many seconds after the first exits at once.
+SECOND_SIGNAL_GRACE = 2.0
+
+
+def _is_interruption(exc: BaseException) -> bool:
+    """Ctrl-C, a cancellation, or Prefect's SIGTERM bridge (``prefect.exceptions.TerminationSignal``)."""
+    if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+        return True
+    return any(cls.__name__ == "TerminationSignal" for cls in type(exc).__mro__)
 
 
 def parse_rows(text: str, *, minimum: int = 1) -> int:
@@ -101,8 +112,59 @@ def _detach_stdout() -> TextIO:
     return os.fdopen(saved, "w", buffering=1, encoding="utf-8")
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _kill_prefect_servers() -> None:
+    """Stop this process's Prefect server children (used only when exiting at once)."""
+    import psutil
+
+    from .harness import is_prefect_server
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if is_prefect_server(child.cmdline()):
+                child.terminate()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+
+
+async def _run_interruptibly(workspace: Workspace, **kwargs: Any) -> None:
+    """Run the benchmarks; SIGINT/SIGTERM cancel them cleanly, a second signal exits at once.
+
+    Cancelling (rather than raising KeyboardInterrupt wherever the main thread
+    happens to be) lets a running Ferry flow abort and roll back, and lets
+    Arrow's worker threads finish before the interpreter shuts down. A baseline
+    runs on the main thread, so a signal takes effect when it returns.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    received: list[float] = []
+
+    def on_signal(signum: int) -> None:
+        # During a flow run Prefect's own SIGTERM bridge also sees the signal and
+        # re-sends it once it has crashed the run: a repeat within the grace
+        # period is that echo, not the user insisting.
+        now = time.monotonic()
+        if received and now - received[0] >= SECOND_SIGNAL_GRACE:
+            log("signal received again: stopping now")
+            _kill_prefect_servers()
+            workspace.close()
+            os._exit(130)
+        if not received:
+            received.append(now)
+            log(
+                f"{signal.Signals(signum).name} received: stopping after cleaning up "
+                f"(send it again after {SECOND_SIGNAL_GRACE:.0f}s to stop at once)"
+            )
+        assert task is not None
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # e.g. SIGINT of a job started in the background with `&`
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    await run_benchmarks(**kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     # Registered before Prefect is imported, so it runs after Prefect's exit handlers
     # (which stop the ephemeral server that keeps its database in the workspace).
     atexit.register(workspace.close)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     prepare_environment(workspace)
     log(
         f"workspace {workspace.root}; routes {', '.join(r.name for r in routes)}; rows "
@@ -152,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(
-            run_benchmarks(
-                routes,
-                rows_list,
+            _run_interruptibly(
+                workspace,
+                routes=routes,
+                rows_list=rows_list,
                 workdir=workspace.data,
                 repeat=args.repeat,
                 parallel=args.parallel,
@@ -163,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                 emit=emit,
             )
         )
-    except KeyboardInterrupt:
-        log("interrupted; removing the workspace")
-        return 130
-    except Exception:
+    except BaseException as exc:
+        if _is_interruption(exc):
+            log("interrupted; removing the workspace")
+            return 130
+        if not isinstance(exc, Exception):
+            raise
         log("a run failed:\n" + traceback.format_exc())
         return 1
     finally:

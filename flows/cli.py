@@ -38,14 +38,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a job setting, e.g. --set stream.parallel=4 (repeatable)",
         )
-        sub.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         return sub
 
     run = add_job_command("run", "Run a job as a Prefect flow and print its summary.")
     run.add_argument("--run-id", help="run id (default: a new one); files and rejects are named after it")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--verbose", action="store_true", help="show Prefect's INFO logs in the terminal")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's logs in the terminal")
     plan = add_job_command("plan", "Dry run: partitions, schemas, type mapping and target changes; writes nothing.")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_job_command("validate", "Check a job file and its settings without touching any store.")
@@ -57,9 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     debug = args.debug
     if not getattr(args, "verbose", False):
-        # Prefect's INFO lines still reach the API and the UI; the terminal shows
-        # Ferry's progress and summary instead. Must be set before Prefect is imported.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # Prefect's log lines (and task tracebacks) still reach the API and the UI;
+        # the terminal shows Ferry's progress, summary and one-line errors instead.
+        # Must be set before Prefect is imported.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     # Ferry runs offline as often as not; Prefect's telemetry would only log failures.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
