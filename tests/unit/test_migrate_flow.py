@@ -148,3 +148,24 @@ def test_reject_limit_stops_the_run(tmp_path):
     )
     with pytest.raises(RejectLimitExceeded):
         _run(job)
+
+
+def test_run_publishes_partition_table_and_summary_artifacts(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = _run(_job(tmp_path, name="artifact-check"))
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ferry-artifact-check", "ferry-artifact-check-summary"]))
+            )
+
+    artifacts = {a.key: a for a in asyncio.run(read())}
+    table = artifacts["ferry-artifact-check"]
+    assert table.type == "table"
+    assert summary["run_id"] in table.description
+    for partition in summary["partitions"]:
+        assert partition["partition"] in str(table.data)
+    assert "Verification**: passed" in str(artifacts["ferry-artifact-check-summary"].data)
