@@ -26,6 +26,7 @@ from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, Wri
 from .errors import ConfigurationError
 from .filters import Filter, filter_batch
 from .generator import ORDERS_SCHEMA, generate_batches
+from .stream import thread_call
 
 
 class GenerateSettings(BaseModel):
@@ -329,7 +330,7 @@ async def _iterate_in_thread(iterator) -> AsyncIterator[pa.RecordBatch]:
     """Run a CPU-bound synchronous generator in a worker thread, one item at a time."""
     sentinel = object()
     while True:
-        item = await asyncio.to_thread(next, iterator, sentinel)
+        item = await thread_call(next, iterator, sentinel)
         if item is sentinel:
             return
         yield item

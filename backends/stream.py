@@ -52,3 +52,24 @@ async def rebatch(
     async for batch in batches:
         for piece in split_batch(batch, max_rows, max_bytes):
             yield piece
+
+
+async def thread_call(func, /, *args):
+    """Run ``func(*args)`` in a worker thread; if cancelled, wait for it to finish first.
+
+    ``asyncio.to_thread`` returns at once on cancellation while the thread goes
+    on: a writer closed by the clean-up would then race a write still running
+    in the thread (a crash in Arrow's C++). Here the cancellation is delivered
+    only after the thread's call has returned.
+    """
+    import asyncio
+
+    future = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        try:
+            await future
+        except Exception:
+            pass
+        raise

@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     out_file = None
     if args.out:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             out_file = open(args.out, "a", encoding="utf-8")
         except OSError as exc:
             parser.error(f"cannot open --out {args.out}: {exc.strerror}")

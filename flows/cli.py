@@ -161,12 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     except (asyncio.CancelledError, KeyboardInterrupt):
         stop_progress.set()
         progress_thread.join(timeout=2)
-        committed = tracker.committed()
-        print(
-            "ferry: interrupted; this run's unfinished output was removed. Committed partitions: "
-            + (", ".join(committed) if committed else "none"),
-            file=sys.stderr,
-        )
+        _print_interrupted(tracker)
         return EXIT_INTERRUPTED
     except FerryError:
         stop_progress.set()
@@ -177,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         stop_progress.set()
         progress_thread.join(timeout=2)
         if interrupted["signal"] is not None:
-            print("ferry: interrupted; committed partitions: " + (", ".join(tracker.committed()) or "none"), file=sys.stderr)
+            _print_interrupted(tracker)
             return EXIT_INTERRUPTED
         _print_committed(tracker)
         raise
@@ -188,6 +183,15 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(render_summary(summary))
     return EXIT_OK
+
+
+def _print_interrupted(tracker: Any) -> None:
+    committed = tracker.committed()
+    print(
+        "ferry: interrupted; this run's unfinished output was removed. Committed partitions: "
+        + (", ".join(committed) if committed else "none"),
+        file=sys.stderr,
+    )
 
 
 def _print_committed(tracker: Any) -> None:

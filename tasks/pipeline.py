@@ -80,6 +80,7 @@ async def stream_read(job: PartitionJob, out: asyncio.Queue) -> dict[str, Any]:
     rows = batches = 0
     started = time.perf_counter()
     stream = job.stream
+    job.tracker.mark_read_started()
     async for batch in job.source.read(
         job.partition, columns=job.columns, where=job.where, batch_rows=stream.batch_size
     ):

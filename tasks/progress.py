@@ -65,6 +65,12 @@ class RunTracker:
         with self.lock:
             return self.partitions.setdefault(partition_id, PartitionProgress(partition_id))
 
+    def mark_read_started(self) -> None:
+        """Start the data-path clock when the first read begins (not when its first batch arrives)."""
+        with self.lock:
+            if self.first_read_at is None:
+                self.first_read_at = time.monotonic()
+
     def add_read(self, partition_id: str, rows: int) -> None:
         with self.lock:
             if self.first_read_at is None:

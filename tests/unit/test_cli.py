@@ -120,3 +120,26 @@ def test_ctrl_c_mid_run_cleans_up_and_exits_130(tmp_path):
     # Nothing half-written stays: no staging files, no unpublished version.
     assert not list((tmp_path / "out").rglob("*.parquet"))
     assert not (tmp_path / "out" / "orders" / "_ferry" / "CURRENT").exists()
+
+
+def test_sigterm_keeps_committed_append_partitions_only(tmp_path):
+    job = _write(
+        tmp_path / "job.yaml",
+        GOOD.replace("rows: 20000", "rows: 6000000")
+        .replace("mode: replace", "mode: append\nstream: {batch_size: 8192, parallel: 2}\nverify: false"),
+    )
+    process = subprocess.Popen([*FERRY, "run", str(job)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    commits = tmp_path / "out" / "orders" / "_ferry" / "commits"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not list(commits.rglob("*.json")):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    committed = sorted(p.stem for p in commits.rglob("*.json"))
+    assert committed and f"Committed partitions: {', '.join(committed)}" in stderr
+    # Exactly the committed partitions' files remain; nothing staged or half-moved.
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*.parquet"))
+    assert len(files) == len(committed)
+    assert all(any(f"-{c}-" in name for name in files) for c in committed)
