@@ -259,6 +259,16 @@ class Backend(Block, ABC):
         """A one-line description without secrets, for logs and plans."""
         return self.kind
 
+    def concurrency_tag(self) -> str:
+        """The Prefect tag of tasks that touch this store, for tag concurrency limits.
+
+        ``ferry-<block name>`` for a saved block, else ``ferry-<kind>-<config hash>``.
+        """
+        name = getattr(self, "_block_document_name", None)
+        if name:
+            return f"ferry-{name}"
+        return f"ferry-{self.kind}-{self.config_hash()[:8]}"
+
     def location(self, dataset: str) -> str:
         """Where ``dataset`` lives, for summaries (no secrets)."""
         return f"{self.kind}:{dataset}"

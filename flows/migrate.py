@@ -174,14 +174,21 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             )
             for part in plan.partitions
         ]
-        logger.info("run %s: %d partition(s), parallel %d", run_id, len(jobs), job.stream.parallel)
+        store_tags = sorted({source.concurrency_tag(), target.concurrency_tag()})
+        logger.info(
+            "run %s: %d partition(s), parallel %d, store tags %s",
+            run_id,
+            len(jobs),
+            job.stream.parallel,
+            ", ".join(store_tags),
+        )
         reporter = asyncio.ensure_future(_log_progress(tracker))
         await target.begin_write(job.target.dataset, ctx)
         try:
             if job.runner == "threads":
-                results = await _run_in_threads(jobs, job)
+                results = await _run_in_threads(jobs, job, store_tags)
             else:
-                results = await _run_on_loop(jobs, job)
+                results = await _run_on_loop(jobs, job, store_tags)
         except BaseException as exc:
             reporter.cancel()
             await asyncio.shield(target.abort(job.target.dataset, ctx))
@@ -230,12 +237,12 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
     return summary
 
 
-async def _run_on_loop(jobs: list[PartitionJob], job: JobSpec) -> list[dict[str, Any]]:
+async def _run_on_loop(jobs: list[PartitionJob], job: JobSpec, tags: list[str]) -> list[dict[str, Any]]:
     gate = asyncio.Semaphore(job.stream.parallel)
 
     async def one(partition_job: PartitionJob) -> dict[str, Any]:
         async with gate:
-            return await _partition_task(job, partition_job.pid)(quote(partition_job))
+            return await _partition_task(job, partition_job.pid, tags)(quote(partition_job))
 
     tasks = [asyncio.ensure_future(one(j)) for j in jobs]
     try:
@@ -247,9 +254,9 @@ async def _run_on_loop(jobs: list[PartitionJob], job: JobSpec) -> list[dict[str,
         raise
 
 
-async def _run_in_threads(jobs: list[PartitionJob], job: JobSpec) -> list[dict[str, Any]]:
+async def _run_in_threads(jobs: list[PartitionJob], job: JobSpec, tags: list[str]) -> list[dict[str, Any]]:
     with ThreadPoolTaskRunner(max_workers=job.stream.parallel) as runner:
-        futures = [runner.submit(_partition_task(job, j.pid), parameters={"job": quote(j)}) for j in jobs]
+        futures = [runner.submit(_partition_task(job, j.pid, tags), parameters={"job": quote(j)}) for j in jobs]
         try:
             return [await asyncio.to_thread(f.result) for f in futures]
         except BaseException:
@@ -258,9 +265,12 @@ async def _run_in_threads(jobs: list[PartitionJob], job: JobSpec) -> list[dict[s
             raise
 
 
-def _partition_task(job: JobSpec, partition_id: str):
+def _partition_task(job: JobSpec, partition_id: str, tags: list[str]):
+    # Only the partition task carries the store tags: its stage tasks run inside
+    # it, so a tag concurrency limit counts one slot per partition in flight.
     return migrate_partition.with_options(
         task_run_name=f"partition {partition_id}",
+        tags=tags,
         retries=job.retries,
         retry_delay_seconds=job.retry_delay_seconds,
         retry_condition_fn=_transient_only,

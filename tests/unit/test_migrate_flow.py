@@ -169,3 +169,25 @@ def test_run_publishes_partition_table_and_summary_artifacts(tmp_path):
     for partition in summary["partitions"]:
         assert partition["partition"] in str(table.data)
     assert "Verification**: passed" in str(artifacts["ferry-artifact-check-summary"].data)
+
+
+def test_partition_tasks_carry_one_store_tag_each(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
+
+    from ferry.flows.spec import build_backend
+
+    job = job_from_dict(_job(tmp_path, name="tag-check"))
+    summary = asyncio.run(migrate(job=job))
+    target_tag = asyncio.run(build_backend(job.target)).concurrency_tag()
+    assert target_tag.startswith("ferry-objectstore-")
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[target_tag]))
+            )
+
+    # The stage tasks (read, transform, write) run inside a partition and carry no tag.
+    names = sorted(r.name for r in asyncio.run(read()))
+    assert names == sorted(f"partition {p['partition']}" for p in summary["partitions"])
