@@ -1,0 +1,67 @@
+"""End to end against a real Prefect server: `prefect deploy`, a process worker, a deployment run."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.integration.prefect_server import PrefectServer, prefect_server  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_for_flow_run(server: PrefectServer, flow_run_id: str, timeout: float = 420) -> dict:
+    deadline = time.monotonic() + timeout
+    with server.api() as api:
+        while time.monotonic() < deadline:
+            run = api.get(f"/flow_runs/{flow_run_id}").json()
+            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                return run
+            time.sleep(1)
+    pytest.fail(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
+    shutil.copy(REPO / "configs" / "demo.yaml", project / "configs" / "demo.yaml")
+
+    prefect_server.cli("work-pool", "create", "ferry-process", "--type", "process")
+    prefect_server.cli("--no-prompt", "deploy", "--all", cwd=project)
+
+    with prefect_server.api() as api:
+        deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
+    assert {"demo-nightly", "migrate-job"} <= set(deployments)
+    assert deployments["demo-nightly"]["entrypoint"] == "ferry.flows.migrate:migrate"
+    assert deployments["demo-nightly"]["schedules"], "demo-nightly must be scheduled"
+
+    worker = prefect_server.start_worker("ferry-process", cwd=project)
+    started = prefect_server.cli("deployment", "run", "ferry-migrate/demo-nightly", cwd=project)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    run = _wait_for_flow_run(prefect_server, flow_run_id)
+    prefect_server.stop_worker(worker)
+    assert run["state_type"] == "COMPLETED", run["state"]
+
+    dataset = project / "ferry-output" / "orders"
+    assert (dataset / "_ferry" / "CURRENT").exists()
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (dataset / "_ferry" / "versions").rglob("*.parquet"))
+    assert rows == 1_000_000
+
+    with prefect_server.api() as api:
+        artifacts = api.post(
+            "/artifacts/filter",
+            json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}},
+        ).json()
+    kinds = {(a["key"], a["type"]) for a in artifacts}
+    assert ("ferry-demo-orders", "table") in kinds
+    assert ("ferry-demo-orders-summary", "markdown") in kinds
+    summary = next(a for a in artifacts if a["key"] == "ferry-demo-orders-summary")
+    assert "Verification**: passed" in summary["data"]
