@@ -30,7 +30,7 @@ from ferry.backends.checksum import Checksum
 from ferry.backends.errors import FerryError, TransientBackendError
 from ferry.tasks.pipeline import PartitionJob, _logger, migrate_partition
 from ferry.tasks.progress import RunTracker, tracker_for
-from ferry.tasks.report import publish_artifacts
+from ferry.tasks.report import publish_artifacts, publish_stopped_artifact
 
 from .planning import Plan, plan_job
 from .spec import JobSpec, build_backend, load_job
@@ -150,6 +150,7 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             mode=job.mode,
             schema=plan.decision.write_schema,
             key=tuple(job.key),
+            on_error=job.on_error,
         )
         rejects_dir = str(Path(job.rejects_dir) / job.name / run_id)
         jobs = [
@@ -199,6 +200,13 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
                 type(exc).__name__,
                 ", ".join(committed) if committed else "none",
             )
+            try:
+                await asyncio.wait_for(
+                    asyncio.shield(publish_stopped_artifact(job.name, run_id, type(exc).__name__, str(exc), committed)),
+                    timeout=10,
+                )
+            except BaseException:  # the report must never hide the original error
+                pass
             raise
         reporter.cancel()
         await target.publish(job.target.dataset, ctx)

@@ -51,3 +51,24 @@ async def publish_artifacts(summary: dict[str, Any]) -> None:
         )
     except Exception as exc:  # an artifact is a report: never fail a finished run for it
         logging.getLogger("ferry").warning("could not publish the run artifacts: %s", exc)
+
+
+async def publish_stopped_artifact(job: str, run_id: str, reason: str, message: str, committed: list[str]) -> None:
+    """Publish what a failed or interrupted run left behind: its committed partitions."""
+    from prefect.artifacts import acreate_markdown_artifact
+
+    lines = [
+        f"# Ferry run `{run_id}` of job `{job}` stopped",
+        "",
+        f"- **Reason**: {reason}" + (f": {message}" if message else ""),
+        "- **Unfinished output**: removed",
+        "- **Committed partitions**: " + (", ".join(f"`{p}`" for p in committed) if committed else "none"),
+    ]
+    try:
+        await acreate_markdown_artifact(
+            key=f"{artifact_key(job)}-summary",
+            markdown="\n".join(lines),
+            description=f"Ferry run {run_id} stopped",
+        )
+    except Exception as exc:
+        logging.getLogger("ferry").warning("could not publish the stopped-run artifact: %s", exc)

@@ -28,14 +28,21 @@ def _wait_for_flow_run(server: PrefectServer, flow_run_id: str, timeout: float =
     pytest.fail(f"flow run {flow_run_id} did not finish in {timeout} s")
 
 
-def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+def _deployed_project(server: PrefectServer, tmp_path: Path) -> Path:
+    """A copy of the repository's prefect.yaml and demo job, deployed to the server."""
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
     shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
     shutil.copy(REPO / "configs" / "demo.yaml", project / "configs" / "demo.yaml")
+    with server.api() as api:
+        if api.get("/work_pools/ferry-process").status_code == 404:
+            server.cli("work-pool", "create", "ferry-process", "--type", "process")
+    server.cli("--no-prompt", "deploy", "--all", cwd=project)
+    return project
 
-    prefect_server.cli("work-pool", "create", "ferry-process", "--type", "process")
-    prefect_server.cli("--no-prompt", "deploy", "--all", cwd=project)
+
+def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    project = _deployed_project(prefect_server, tmp_path)
 
     with prefect_server.api() as api:
         deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
@@ -65,3 +72,38 @@ def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: Prefec
     assert ("ferry-demo-orders-summary", "markdown") in kinds
     summary = next(a for a in artifacts if a["key"] == "ferry-demo-orders-summary")
     assert "Verification**: passed" in summary["data"]
+
+
+def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    project = _deployed_project(prefect_server, tmp_path)
+    (project / "big.yaml").write_text(
+        "name: big-cancel\n"
+        "source: {backend: memory, dataset: orders, generate: {rows: 20000000}}\n"
+        "target: {backend: local, url: ./out, dataset: orders}\n"
+        "mode: replace\n"
+        "verify: false\n"
+        "stream: {batch_size: 8192, parallel: 1}\n"
+    )
+    worker = prefect_server.start_worker("ferry-process", cwd=project)
+    started = prefect_server.cli("deployment", "run", "ferry-migrate/migrate-job", "--param", "job=big.yaml", cwd=project)
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    output = project / "out"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(output.rglob("*.parquet")):
+        time.sleep(0.5)
+    assert list(output.rglob("*.parquet")), "the run never started writing"
+
+    prefect_server.cli("flow-run", "cancel", flow_run_id)
+    run = _wait_for_flow_run(prefect_server, flow_run_id, timeout=180)
+    prefect_server.stop_worker(worker)
+    assert run["state_type"] == "CANCELLED", run["state"]
+
+    # The killed replace left nothing behind: no staged files, no unpublished version.
+    assert not list((project / "out").rglob("*.parquet"))
+    assert not (project / "out" / "orders" / "_ferry" / "CURRENT").exists()
+    with prefect_server.api() as api:
+        artifacts = api.post(
+            "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        ).json()
+    stopped = [a for a in artifacts if a["key"] == "ferry-big-cancel-summary"]
+    assert stopped and "Committed partitions**: none" in stopped[0]["data"]
