@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -107,3 +109,31 @@ def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectSe
         ).json()
     stopped = [a for a in artifacts if a["key"] == "ferry-big-cancel-summary"]
     assert stopped and "Committed partitions**: none" in stopped[0]["data"]
+
+
+def test_blocks_register_and_a_saved_block_runs_a_job(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    result = prefect_server.cli("block", "register", "-m", "ferry.backends")
+    with prefect_server.api() as api:
+        slugs = {b["slug"] for b in api.post("/block_types/filter", json={}).json()}
+    assert {"ferry-memory", "ferry-object-store"} <= slugs, result.stdout
+
+    # Save a block through the API client, then name it in a job file.
+    (tmp_path / "save.py").write_text(
+        "from ferry.backends import ObjectStoreBackend\n"
+        f"ObjectStoreBackend(url={str(tmp_path / 'lake')!r}).save('lake', overwrite=True)\n"
+    )
+    saved = subprocess.run([sys.executable, str(tmp_path / "save.py")], env=prefect_server.env, capture_output=True, text=True, timeout=120)
+    assert saved.returncode == 0, saved.stderr
+    (tmp_path / "job.yaml").write_text(
+        "name: saved-block\n"
+        "source: {backend: memory, dataset: orders, generate: {rows: 5000}}\n"
+        "target: {block: ferry-object-store/lake, dataset: orders}\n"
+        "mode: replace\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "ferry.flows.cli", "run", "job.yaml", "--json"],
+        cwd=tmp_path, env=prefect_server.env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert '"status": "passed"' in run.stdout
+    assert list((tmp_path / "lake" / "orders").rglob("*.parquet"))
