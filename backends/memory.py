@@ -157,6 +157,9 @@ class MemoryBackend(Backend):
     async def partitions(self, dataset: str, *, hint: int = 1, where: Filter | None = None) -> list[Partition]:
         total = self._row_count(dataset)
         count = max(1, hint, math.ceil(total / self.partition_rows))
+        # A multiple of the parallelism keeps every worker busy to the end
+        # (5 partitions on 2 workers would leave one idle for the last fifth).
+        count = math.ceil(count / max(1, hint)) * max(1, hint)
         count = min(count, max(1, total))
         bounds = [round(i * total / count) for i in range(count + 1)]
         width = len(str(total))
