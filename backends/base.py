@@ -26,7 +26,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterable, AsyncIterator, ClassVar, Self
+from typing import Any, AsyncIterable, AsyncIterator, Callable, ClassVar, Self
 
 import pyarrow as pa
 from prefect.blocks.core import Block
@@ -88,6 +88,15 @@ class WriteContext:
     committed: set[str] = field(default_factory=set)
     #: Backend-private state kept between begin_write, write and publish.
     state: dict[str, Any] = field(default_factory=dict)
+    #: The job's ``on_error``. With "collect" a target that can isolate the rows it
+    #: cannot store (PostgreSQL) loads the good rows and hands the bad ones to ``reject``.
+    on_error: str = "fail"
+    #: Set per partition by the pipeline when ``on_error`` is "collect":
+    #: ``reject(batch, rejects)`` records rows of ``batch`` in the partition's rejects
+    #: file; ``rejects`` is a table with ``row_index`` (into ``batch``), ``column``,
+    #: ``value``, ``reason``, ``error_class`` and ``step``. It returns how many rows
+    #: it recorded and raises RejectLimitExceeded past ``max_rejected_rows``.
+    reject: Callable[[pa.RecordBatch, pa.Table], int] | None = None
 
 
 @dataclass
@@ -276,6 +285,10 @@ class Backend(Block, ABC):
     def partitions_written_by(self, run_id: str, partitions: list[Partition]) -> list[Partition] | None:
         """The partitions holding only ``run_id``'s rows, or None when the store cannot tell."""
         return None
+
+    async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
+        """Lines ``ferry plan`` shows about how this target will write ``dataset`` (strategies, fallbacks)."""
+        return []
 
     def describe_target_schema(self, schema: pa.Schema) -> str:
         """The DDL, mapping or file schema this backend would create for ``schema``."""

@@ -1,53 +1,117 @@
-"""The object-store backend: Parquet datasets in a folder, through fsspec.
+"""The object-store backend: Parquet, JSON Lines and CSV datasets in a folder or on S3.
 
-A dataset is a folder ``<url>/<dataset>/``. Layout::
+The very same code serves local folders and S3 (``s3://bucket/prefix``, or
+``bucket`` + ``prefix``); :mod:`ferry.backends.objectstore_fs` builds the
+filesystems, :mod:`ferry.backends.objectstore_formats` the file formats and
+:mod:`ferry.backends.objectstore_writers` the rolling and Hive writers, and
+:mod:`ferry.backends.objectstore_plan` the schema, partition and pushdown helpers.
 
-    <dataset>/<run>-<partition>-<n>.parquet         appended data
-    <dataset>/_ferry/CURRENT                         pointer to the published version (replace)
-    <dataset>/_ferry/versions/<run>/...parquet       data of a replace run
-    <dataset>/_ferry/staging/<run>/<partition>/      files being written (never read)
+A dataset is the folder (prefix) ``<root>/<dataset>/``. Layout::
+
+    <dataset>/[<col>=<v>/]<run>-<partition>-<n>.<ext>   appended data
+    <dataset>/_ferry/CURRENT                         manifest of the published version (replace)
+    <dataset>/_ferry/versions/<run>/...              data of a replace run
+    <dataset>/_ferry/staging/<run>/<partition>/      appended files being written (never read)
     <dataset>/_ferry/commits/<run>/<partition>.json  commit markers (retry ledger)
+    <data folder>/_partitioning.json                 types of the partition_by columns (per version)
 
-Readers (Ferry's) read the version that ``CURRENT`` names when it exists, or
+Ferry's readers read the version that ``CURRENT`` names when it exists, or
 else the dataset folder itself; names starting with ``_`` or ``.`` are never
-data. A partition's files are written under ``staging`` and moved into place
-when the partition commits, then its commit marker is written: a retried
-partition finds the marker and is skipped, or removes what its failed attempt
-left. A replace publishes by atomically replacing the ``CURRENT`` pointer, so a
-reader sees the old version or the new one, never a mix.
+data.
+
+Writes, per (run, partition):
+
+* append: files are written under ``staging`` and, when the partition has
+  written everything, moved (a local rename; a server-side copy on S3) into
+  the data folder, then the commit marker is written and the staging files
+  removed. A reader never sees half a partition's files.
+* replace: files are written straight into ``versions/<run>/`` (nobody reads
+  it before the publish, so no copy is needed), then the commit marker.
+
+A retried partition finds its marker and is skipped, or first removes what
+its failed attempt left (files named ``<run>-<partition>-*``), so retries
+never duplicate data and a second append run never overwrites the first.
+A replace publishes by replacing ``CURRENT`` in one step -- an atomic rename
+on a local folder, one PUT of the manifest object on S3 -- so Ferry's
+readers see the old version or the new one, never a mix; a run killed before
+that step leaves the old version as it was. Old versions are removed after
+the publish (``keep_versions`` keeps the newest N).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import posixpath
 import time
-import uuid
-from typing import Any, AsyncIterable, AsyncIterator, ClassVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterable, AsyncIterator, Callable, ClassVar, Literal
 
-import fsspec
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, model_validator
 
 from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, WriteResult
-from .errors import ConfigurationError, PermanentBackendError
-from .filters import And, Comparison, Filter, Or, filter_batch
-from .pools import pool_manager
+from .errors import ConfigurationError, FerryError, PermanentBackendError
+from .filters import Filter, filter_batch
+from .objectstore_formats import (
+    READ_SUFFIXES,
+    TEXT_FORMATS,
+    TextReadOptions,
+    check_text_schema,
+    file_suffix,
+    infer_text_schema,
+    make_writer,
+    read_text_batches,
+)
+from .objectstore_fs import (
+    FileSystems,
+    Location,
+    S3PoolOptions,
+    S3TransferOptions,
+    acquire_filesystems,
+    release_filesystems,
+    resolve_location,
+    translate_error,
+)
+from .objectstore_plan import (
+    decode_schema,
+    encode_schema,
+    infer_partition_schema,
+    pack_small_files,
+    row_group_ranges,
+    to_arrow_prefilter,
+    unify_file_schemas,
+)
+from .objectstore_writers import DatasetWriter, check_partition_columns, parse_hive_values
+from .stream import thread_call
 
 META_DIR = "_ferry"
+#: Kept in the data folder itself, so a replace version carries its own (readers skip `_` names).
+PARTITIONING_FILE = "_partitioning.json"
+#: How messages name the formats.
+FORMAT_NAMES = {"parquet": "Parquet", "jsonl": "JSON Lines", "csv": "CSV"}
+PARQUET_CODECS = ("snappy", "zstd", "gzip", "lz4", "brotli", "none")
+#: Footers (or text samples) read at once while planning.
+PLANNING_THREADS = 8
+#: Settings that only mean something for s3:// locations.
+S3_ONLY = (
+    "endpoint_url", "region", "key", "secret", "session_token", "profile", "role_arn",
+    "server_side_encryption", "sse_kms_key_id", "storage_class",
+)
 
 
 class ObjectStoreBackend(Backend):
-    """Parquet datasets in a local folder (and, through fsspec, object stores)."""
+    """Parquet, JSON Lines and CSV datasets in a local folder or on S3 (s3fs and pyarrow)."""
 
     _block_type_name = "Ferry Object Store"
     _block_type_slug = "ferry-object-store"
-    _description = "Parquet datasets in a folder or an object store, written with atomic publishing."
+    _description = (
+        "Parquet, JSON Lines and CSV datasets in a folder or on S3, written idempotently and published atomically."
+    )
 
     kind: ClassVar[str] = "objectstore"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -56,43 +120,148 @@ class ObjectStoreBackend(Backend):
         pushdown_filters=True,
     )
 
-    url: str = Field(..., description="Folder holding the datasets: a local path or a file:// URL.")
-    format: str = Field("parquet", description="File format of the datasets; `parquet`.")
-    compression: str = Field("snappy", description="Parquet compression codec (snappy, zstd, gzip, lz4, none).")
-    row_group_rows: int = Field(
-        1_048_576, ge=1, description="Largest number of rows in one Parquet row group."
+    # -- where -------------------------------------------------------------------
+    url: str | None = Field(
+        None, description="Folder holding the datasets: a local path, file:// URL or s3://bucket/prefix."
     )
+    bucket: str | None = Field(None, description="S3 bucket (instead of an s3:// url).")
+    prefix: str = Field("", description="Key prefix inside `bucket` under which the datasets live.")
+
+    # -- files -------------------------------------------------------------------
+    format: Literal["parquet", "jsonl", "csv"] = Field(
+        "parquet", description="File format: parquet, jsonl (JSON Lines) or csv."
+    )
+    compression: str = Field(
+        "snappy",
+        description="Parquet codec (snappy, zstd, gzip, lz4, brotli, none); for jsonl and csv: gzip or none (default).",
+    )
+    row_group_rows: int = Field(1_048_576, ge=1, description="Largest number of rows in one Parquet row group.")
     file_max_rows: int = Field(10_000_000, ge=1, description="A new file is started after this many rows.")
     file_max_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="A new file is started once a file holds this many bytes."
     )
+    partition_by: list[str] = Field(
+        default_factory=list, description="Columns to write as Hive folders (`year=2024/month=5/`)."
+    )
+    partition_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="Parquet files larger than this are read as several partitions of whole row groups.",
+    )
+    partition_min_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="Files smaller than this are read together, packed into partitions of about this size (0: one per file).",
+    )
+    read_schema: dict[str, str] | None = Field(
+        None,
+        description="Columns and types of jsonl/csv files (e.g. {id: int64, at: 'timestamp[us, UTC]'}); inferred when unset.",
+    )
+    infer_sample_files: int = Field(3, ge=1, description="How many jsonl/csv files the schema is inferred from.")
+    infer_sample_bytes: int = Field(
+        1024 * 1024, ge=1024, description="How many bytes of each sampled jsonl/csv file inference reads."
+    )
+    csv_delimiter: str = Field(",", min_length=1, max_length=1, description="Field delimiter of csv files.")
     keep_versions: int = Field(
         0, ge=0, description="Previous versions kept after a replace publishes (0 removes them all)."
     )
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra fsspec filesystem options."
+        default_factory=dict, description="Extra fsspec filesystem options (passed to s3fs on S3)."
     )
 
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value != "parquet":
-            raise ValueError("only `parquet` is supported by this backend")
-        return value
+    # -- S3 ----------------------------------------------------------------------
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint of an S3-compatible store (MinIO, Ceph...); AWS when unset."
+    )
+    path_style: bool = Field(False, description="Address buckets as endpoint/bucket (path style) instead of bucket.host.")
+    region: str | None = Field(None, description="AWS region; the default chain (AWS_DEFAULT_REGION...) when unset.")
+    key: SecretStr | None = Field(None, description="AWS access key id.")
+    secret: SecretStr | None = Field(None, description="AWS secret access key.")
+    session_token: SecretStr | None = Field(None, description="AWS session token of temporary credentials.")
+    profile: str | None = Field(None, description="AWS profile (shared config files) to take credentials from.")
+    role_arn: str | None = Field(None, description="IAM role to assume (with the other credentials or the default chain).")
+    role_session_name: str = Field("ferry", description="Session name used when assuming `role_arn`.")
+    anonymous: bool = Field(False, description="Send unsigned requests (public buckets).")
+    server_side_encryption: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="Server-side encryption of written objects: AES256 (SSE-S3) or aws:kms (SSE-KMS)."
+    )
+    sse_kms_key_id: str | None = Field(None, description="KMS key id for aws:kms encryption.")
+    storage_class: str | None = Field(None, description="S3 storage class of written objects (e.g. STANDARD_IA).")
+    requester_pays: bool = Field(False, description="Accept requester-pays charges on the bucket.")
+    pool: S3PoolOptions = Field(default_factory=S3PoolOptions, description="S3 connection pool (performance guide names).")
+    transfer: S3TransferOptions = Field(
+        default_factory=S3TransferOptions, description="S3 transfer settings (performance guide names)."
+    )
+    io_filesystem: Literal["s3fs", "pyarrow"] = Field(
+        "s3fs", description="Filesystem class that moves data bytes on S3: s3fs (default) or pyarrow's S3FileSystem."
+    )
+    connect_timeout_seconds: float = Field(10.0, gt=0, description="Seconds to wait for a connection to S3.")
 
-    @field_validator("compression")
-    @classmethod
-    def _known_codec(cls, value: str) -> str:
-        codecs = {"snappy", "zstd", "gzip", "lz4", "brotli", "none"}
-        if value.lower() not in codecs:
-            raise ValueError(f"unknown compression {value!r}; use one of {', '.join(sorted(codecs))}")
-        return value.lower()
+    @model_validator(mode="after")
+    def _check_settings(self) -> "ObjectStoreBackend":
+        try:
+            location = resolve_location(self.url, self.bucket, self.prefix)
+        except ConfigurationError as exc:
+            raise ValueError(exc.message) from None
+        if location.protocol != "s3":
+            given = [name for name in S3_ONLY if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to s3:// locations; url is a local folder")
+        codec = self.compression.lower()
+        if self.format == "parquet":
+            if codec not in PARQUET_CODECS:
+                raise ValueError(f"unknown compression {self.compression!r}; use one of {', '.join(PARQUET_CODECS)}")
+        elif "compression" not in self.model_fields_set and codec == "snappy":
+            codec = "none"  # the Parquet default does not apply to text files
+        elif codec not in ("gzip", "none"):
+            raise ValueError(f"{self.format} files take compression gzip or none, not {self.compression!r}")
+        object.__setattr__(self, "compression", codec)
+        if self.sse_kms_key_id is not None and self.server_side_encryption != "aws:kms":
+            raise ValueError("sse_kms_key_id needs server_side_encryption: aws:kms")
+        if self.read_schema is not None:
+            self.declared_schema()  # raises on an unknown type name
+        if self.format != "parquet" and self.read_schema is None and self.format not in TEXT_FORMATS:
+            raise ValueError(f"unknown format {self.format!r}")
+        self.transfer.warn_no_effect()
+        return self
+
+    @property
+    def effective_capabilities(self) -> Capabilities:
+        if self.format != "parquet":
+            # Text files are scanned whole: columns and filters apply after parsing.
+            return Capabilities(write_modes=self.capabilities.write_modes)
+        return self.capabilities
+
+    def declared_schema(self) -> pa.Schema | None:
+        """The ``read_schema`` as an Arrow schema (None when the read infers it)."""
+        if self.read_schema is None:
+            return None
+        from .types import parse_arrow_type
+
+        fields = []
+        for name, text in self.read_schema.items():
+            try:
+                fields.append(pa.field(name, parse_arrow_type(text)))
+            except (ConfigurationError, ValueError) as exc:
+                message = getattr(exc, "message", str(exc))
+                raise ValueError(f"read_schema.{name}: {message}") from None
+        return pa.schema(fields)
+
+    def location_info(self) -> Location:
+        """Protocol and root path of this block's datasets."""
+        return resolve_location(self.url, self.bucket, self.prefix)
 
     def describe(self) -> str:
-        return f"objectstore {self.url} ({self.format}, {self.compression})"
+        location = self.location_info()
+        codec = self.compression
+        where = location.display(location.root)
+        extra = f", endpoint {self.endpoint_url}" if self.endpoint_url else ""
+        return f"objectstore {where} ({self.format}, {codec}{extra})"
 
     def describe_target_schema(self, schema: pa.Schema) -> str:
-        """The Parquet schema the files will have."""
+        """The file schema the files will have."""
+        if self.format != "parquet":
+            return f"{self.format} columns: " + ", ".join(f"{f.name} {f.type}" for f in schema)
         sink = pa.BufferOutputStream()
         pq.write_table(schema.empty_table(), sink)
         text = str(pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema).strip()
@@ -100,69 +269,89 @@ class ObjectStoreBackend(Backend):
         return "\n".join(line for line in text.splitlines() if not line.startswith("<pyarrow"))
 
     def location(self, dataset: str) -> str:
-        return self.data_path(dataset) if "filesystems" in self._live else self.dataset_path(dataset)
+        path = self.data_path(dataset) if "filesystems" in self._live else self.dataset_path(dataset)
+        return self.location_info().display(path)
 
     def partitions_written_by(self, run_id: str, partitions: list[Partition]) -> list[Partition] | None:
-        return [p for p in partitions if posixpath.basename(p.spec["relative"]).startswith(f"{run_id}-")]
+        own = []
+        for part in partitions:
+            keep = [i for i, r in enumerate(part.spec["relatives"]) if posixpath.basename(r).startswith(f"{run_id}-")]
+            if len(keep) == len(part.spec["relatives"]):
+                own.append(part)
+            elif keep:
+                # A group of small files mixes runs: read only this run's files of it.
+                spec = {
+                    **part.spec,
+                    "files": [part.spec["files"][i] for i in keep],
+                    "relatives": [part.spec["relatives"][i] for i in keep],
+                }
+                own.append(Partition(id=part.id, dataset=part.dataset, spec=spec))
+        return own
 
-    # -- filesystems -----------------------------------------------------------
-    def _protocol_and_root(self) -> tuple[str, str]:
-        protocol, path = fsspec.core.split_protocol(self.url)
-        protocol = protocol or "file"
-        if protocol in ("file", "local"):
-            import os
-
-            return "file", os.path.abspath(os.path.expanduser(path))
-        raise ConfigurationError(
-            f"url {self.url!r}: the {protocol!r} protocol is not supported yet; use a local folder",
-            path="url",
-        )
-
-    def _filesystems(self) -> tuple[fsspec.AbstractFileSystem, pafs.FileSystem]:
-        fs = self._live.get("filesystems")
-        if fs is None:
+    # -- filesystems -------------------------------------------------------------
+    def _filesystems(self) -> FileSystems:
+        pair = self._live.get("filesystems")
+        if pair is None:
             raise RuntimeError("the backend is not open: use `async with backend:`")
-        return fs
+        return pair
 
     async def open(self) -> None:
         if "filesystems" in self._live:
             return
-        protocol, _ = self._protocol_and_root()
-
-        def make() -> tuple[fsspec.AbstractFileSystem, pafs.FileSystem]:
-            fs = fsspec.filesystem(protocol, **self.storage_options)
-            # Local files go through Arrow's native filesystem for data I/O:
-            # fsspec wraps the same calls in Python and is measurably slower.
-            arrow_fs = pafs.LocalFileSystem() if protocol == "file" else pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-            return fs, arrow_fs
-
-        pair = await pool_manager.acquire(
-            f"objectstore-{protocol}",
-            self._filesystem_key(),
-            make,
-            per_loop=False,
-            limits={"protocol": protocol},
-        )
+        try:
+            pair = await acquire_filesystems(self)
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, f"opening {self.location_info().display(self.location_info().root)}") from exc
         self._live["filesystems"] = pair
+        if pair.location.protocol == "s3" and not getattr(pair, "checked", False):
+            try:
+                await asyncio.to_thread(self._check_bucket, pair)
+            except BaseException:
+                self._live.pop("filesystems", None)
+                await release_filesystems(self)
+                raise
+            pair.checked = True  # type: ignore[attr-defined]
+
+    def _check_bucket(self, pair: FileSystems) -> None:
+        """Fail fast: the bucket exists and these credentials may list it."""
+        bucket = pair.location.bucket
+        try:
+            pair.fs.ls(bucket, detail=False)
+        except FileNotFoundError as exc:
+            raise PermanentBackendError(
+                f"s3://{bucket}: the bucket does not exist at {self.endpoint_url or 'AWS'}; create it or fix "
+                "`url`/`bucket`"
+            ) from exc
+        except Exception as exc:
+            raise translate_error(exc, f"listing s3://{bucket}", pair.location, self.endpoint_url) from exc
 
     async def close(self) -> None:
         if self._live.pop("filesystems", None) is None:
             return
-        protocol, _ = self._protocol_and_root()
-        await pool_manager.release(f"objectstore-{protocol}", self._filesystem_key(), per_loop=False)
+        await release_filesystems(self)
 
-    def _filesystem_key(self) -> str:
-        """Blocks that differ only in folder or file settings share one filesystem client."""
-        import hashlib
+    async def _run(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking filesystem call in a worker thread; store errors become Ferry errors naming ``what``.
 
-        protocol, _ = self._protocol_and_root()
-        canonical = json.dumps({"protocol": protocol, "options": self.storage_options}, sort_keys=True, default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        A cancellation waits for the thread's call to return (``thread_call``),
+        so the clean-up never closes a writer that a thread is still using.
+        """
+        try:
+            return await thread_call(functools.partial(fn, *args, **kwargs))
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, what, self.location_info(), self.endpoint_url) from exc
 
-    # -- paths -----------------------------------------------------------------
+    def _display(self, path: str) -> str:
+        return self.location_info().display(path)
+
+    # -- paths -------------------------------------------------------------------
     def dataset_path(self, dataset: str) -> str:
-        """Absolute path of the dataset folder."""
-        _, root = self._protocol_and_root()
+        """Path of the dataset folder (without scheme on S3: ``bucket/prefix/dataset``)."""
+        root = self.location_info().root
         clean = dataset.strip("/")
         if not clean or ".." in clean.split("/"):
             raise ConfigurationError(f"invalid dataset name {dataset!r}", path="dataset")
@@ -171,15 +360,15 @@ class ObjectStoreBackend(Backend):
     def _meta(self, dataset: str, *parts: str) -> str:
         return posixpath.join(self.dataset_path(dataset), META_DIR, *parts)
 
+    def manifest(self, dataset: str) -> dict[str, Any] | None:
+        """The published manifest (``_ferry/CURRENT``), or None for a plain folder."""
+        body = _read_small(self._filesystems().fs, self._meta(dataset, "CURRENT"))
+        return None if body is None else json.loads(body)
+
     def current_version(self, dataset: str) -> str | None:
         """The run id of the published replace version, or None for a plain folder."""
-        fs, _ = self._filesystems()
-        pointer = self._meta(dataset, "CURRENT")
-        try:
-            with fs.open(pointer, "rb") as handle:
-                return json.loads(handle.read())["version"]
-        except FileNotFoundError:
-            return None
+        manifest = self.manifest(dataset)
+        return None if manifest is None else manifest["version"]
 
     def data_path(self, dataset: str, version: str | None = None) -> str:
         """Folder holding the readable files of ``dataset`` (or of ``version``)."""
@@ -188,33 +377,120 @@ class ObjectStoreBackend(Backend):
             return self.dataset_path(dataset)
         return self._meta(dataset, "versions", version)
 
+    def _is_data(self, relative: str) -> bool:
+        if any(part.startswith(("_", ".")) for part in relative.split("/")):
+            return False
+        return relative.endswith(READ_SUFFIXES[self.format])
+
+    def data_file_infos(self, dataset: str) -> tuple[str, list[tuple[str, int]]]:
+        """The data folder and its data files with sizes, in a fixed, sorted order."""
+        fs = self._filesystems().fs
+        root = self.data_path(dataset)
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            return root, []
+        files = []
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            if self._is_data(posixpath.relpath(path, root)):
+                files.append((path, int(info.get("size") or 0)))
+                # What identifies this version of the object (for the footer cache).
+                tags = self._live.setdefault("file_tags", {})
+                tags[path] = (info.get("size"), info.get("ETag") or info.get("mtime") or info.get("LastModified"))
+        return root, sorted(files)
+
     def data_files(self, dataset: str) -> list[str]:
         """The data files a read sees, in a fixed, sorted order."""
-        fs, _ = self._filesystems()
-        root = self.data_path(dataset)
-        if not fs.exists(root):
-            return []
-        files = []
-        for path in fs.find(root):
-            relative = posixpath.relpath(path, root)
-            if any(part.startswith(("_", ".")) for part in relative.split("/")):
-                continue
-            if path.endswith(".parquet"):
-                files.append(path)
-        return sorted(files)
+        return [path for path, _ in self.data_file_infos(dataset)[1]]
 
-    # -- reading ---------------------------------------------------------------
+    def partition_schema(self, dataset: str, root: str, files: list[str]) -> pa.Schema:
+        """Types of the Hive partition columns (recorded at write, else inferred from folder names)."""
+        body = _read_small(self._filesystems().fs, posixpath.join(root, PARTITIONING_FILE))
+        if body is not None:
+            return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(json.loads(body)["schema"])))
+        names: list[str] = []
+        for path in files:
+            for segment in posixpath.relpath(path, root).split("/")[:-1]:
+                name, sep, _ = segment.partition("=")
+                if sep and name not in names:
+                    names.append(name)
+        if not names:
+            return pa.schema([])
+        return infer_partition_schema([posixpath.relpath(p, root) for p in files], names)
+
+    # -- reading -----------------------------------------------------------------
     async def exists(self, dataset: str) -> bool:
-        return bool(await asyncio.to_thread(self.data_files, dataset))
+        infos = await self._run(f"listing {self._display(self.dataset_path(dataset))}", self.data_file_infos, dataset)
+        return bool(infos[1])
 
-    async def schema(self, dataset: str, columns: list[str] | None = None) -> pa.Schema:
-        files = await asyncio.to_thread(self.data_files, dataset)
+    async def _plan(self, dataset: str) -> tuple[str, list[tuple[str, int]], pa.Schema, pa.Schema, list[Any]]:
+        """Data folder, files, unified schema (partition columns included), partition schema, footers."""
+        root, files = await self._run(
+            f"listing {self._display(self.dataset_path(dataset))}", self.data_file_infos, dataset
+        )
         if not files:
             raise ConfigurationError(
-                f"no Parquet files found for dataset {dataset!r} under {self.data_path(dataset)}; "
-                "check `url` and `dataset`"
+                f"no {FORMAT_NAMES[self.format]} files found for dataset {dataset!r} under {self._display(root)}; "
+                "check `url`, `dataset` and `format`"
             )
-        schema = await asyncio.to_thread(self._unified_schema, files)
+        paths = [p for p, _ in files]
+        part_schema = await self._run(f"reading {self._display(root)}", self.partition_schema, dataset, root, paths)
+        if self.format == "parquet":
+            footers = await asyncio.to_thread(self._read_footers, paths)
+            schema = unify_file_schemas([(self._display(p), m.schema.to_arrow_schema()) for p, m in zip(paths, footers)])
+        else:
+            footers = [None] * len(paths)
+            schema = self.declared_schema() or await asyncio.to_thread(self._infer_text_schema, paths)
+        for f in part_schema:
+            if schema.get_field_index(f.name) < 0:
+                schema = schema.append(f)
+        return root, files, schema, part_schema, footers
+
+    def _read_footers(self, paths: list[str]) -> list[pq.FileMetaData]:
+        arrow_fs = self._filesystems().arrow_fs
+
+        def one(path: str) -> pq.FileMetaData:
+            try:
+                with arrow_fs.open_input_file(path) as handle:
+                    return pq.read_metadata(handle)
+            except (pa.ArrowInvalid, OSError) as exc:
+                failure = translate_error(
+                    exc, f"reading the Parquet footer of {self._display(path)}", self.location_info(), self.endpoint_url
+                )
+                if isinstance(exc, pa.ArrowInvalid) or "parquet" in str(exc).lower():
+                    failure = PermanentBackendError(
+                        f"cannot read Parquet file {self._display(path)} (corrupt or truncated?): {exc}"
+                    )
+                raise failure from exc
+
+        # Planning asks for the schema several times (plan, columns, partitions):
+        # footers are cached per object version while the block is open.
+        cache: dict[tuple, pq.FileMetaData] = self._live.setdefault("footer_cache", {})
+        tags = self._live.get("file_tags", {})
+        keys = [(path, tags.get(path)) for path in paths]
+        missing = [key for key in keys if key[1] is None or key not in cache]
+        with ThreadPoolExecutor(PLANNING_THREADS) as pool:
+            for key, meta in zip(missing, pool.map(one, [path for path, _ in missing])):
+                cache[key] = meta
+        return [cache[key] for key in keys]
+
+    def _text_options(self) -> TextReadOptions:
+        return TextReadOptions(fmt=self.format, delimiter=self.csv_delimiter)
+
+    def _infer_text_schema(self, paths: list[str]) -> pa.Schema:
+        sample = paths[: self.infer_sample_files]
+        return infer_text_schema(
+            self._filesystems().arrow_fs,
+            sample,
+            self._text_options(),
+            sample_bytes=self.infer_sample_bytes,
+            displays=[self._display(p) for p in sample],
+        )
+
+    async def schema(self, dataset: str, columns: list[str] | None = None) -> pa.Schema:
+        _, _, schema, _, _ = await self._plan(dataset)
         if columns is None:
             return schema
         missing = [c for c in columns if schema.get_field_index(c) < 0]
@@ -226,36 +502,45 @@ class ObjectStoreBackend(Backend):
             )
         return pa.schema([schema.field(c) for c in columns])
 
-    def _unified_schema(self, files: list[str]) -> pa.Schema:
-        _, arrow_fs = self._filesystems()
-        schemas = []
-        for path in files:
-            try:
-                schemas.append(pq.read_schema(path, filesystem=arrow_fs))
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise PermanentBackendError(f"cannot read Parquet file {path}: {exc}") from exc
-        try:
-            return pa.unify_schemas(schemas)
-        except pa.ArrowInvalid as exc:
-            raise PermanentBackendError(
-                f"the files of this dataset have incompatible schemas: {exc}"
-            ) from exc
-
     async def partitions(self, dataset: str, *, hint: int = 1, where: Filter | None = None) -> list[Partition]:
-        files = await asyncio.to_thread(self.data_files, dataset)
-        if not files:
-            raise ConfigurationError(f"no Parquet files found for dataset {dataset!r} under {self.data_path(dataset)}")
-        schema = await asyncio.to_thread(self._unified_schema, files)
-        encoded = base64.b64encode(schema.serialize().to_pybytes()).decode()
-        root = self.data_path(dataset)
-        parts = []
-        for index, path in enumerate(files):
+        """One partition per file; large Parquet files split into row-group ranges; small files packed.
+
+        Files smaller than ``partition_min_bytes`` are packed, in order, into
+        groups of about that size (never fewer groups than ``hint`` allows),
+        because every partition costs a few Prefect task runs.
+        """
+        root, files, schema, part_schema, footers = await self._plan(dataset)
+        common = {"schema": encode_schema(schema), "partition_schema": encode_schema(part_schema), "root": root}
+        parts: list[Partition] = []
+        small: list[tuple[str, int, int | None]] = []
+        for index, ((path, size), meta) in enumerate(zip(files, footers)):
             relative = posixpath.relpath(path, root)
+            rows = meta.num_rows if meta is not None else None
+            if size < self.partition_min_bytes and size <= self.partition_max_bytes:
+                small.append((path, size, rows))
+                continue
+            spec = {"files": [path], "relatives": [relative], **common}
+            if meta is None or size <= self.partition_max_bytes or meta.num_row_groups <= 1:
+                parts.append(Partition(id=f"file-{index:05d}", dataset=dataset, spec=spec, estimated_rows=rows))
+                continue
+            for number, (start, stop, group_rows) in enumerate(row_group_ranges(meta, self.partition_max_bytes)):
+                parts.append(
+                    Partition(
+                        id=f"file-{index:05d}-rg-{number:04d}",
+                        dataset=dataset,
+                        spec={**spec, "row_groups": [start, stop]},
+                        estimated_rows=group_rows,
+                    )
+                )
+        for number, group in enumerate(pack_small_files(small, self.partition_min_bytes, hint)):
+            paths = [path for path, _, _ in group]
+            counts = [rows for _, _, rows in group]
             parts.append(
                 Partition(
-                    id=f"file-{index:05d}",
+                    id=f"files-{number:05d}",
                     dataset=dataset,
-                    spec={"files": [path], "relative": relative, "schema": encoded},
+                    spec={"files": paths, "relatives": [posixpath.relpath(p, root) for p in paths], **common},
+                    estimated_rows=None if any(c is None for c in counts) else sum(counts),  # type: ignore[misc]
                 )
             )
         return parts
@@ -268,47 +553,94 @@ class ObjectStoreBackend(Backend):
         where: Filter | None = None,
         batch_rows: int = 65536,
     ) -> AsyncIterator[pa.RecordBatch]:
-        _, arrow_fs = self._filesystems()
-        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(partition.spec["schema"])))
+        spec = partition.spec
+        schema = decode_schema(spec["schema"])
+        part_schema = decode_schema(spec["partition_schema"]) if spec.get("partition_schema") else pa.schema([])
         needed = None
         if columns is not None:
             extra = [c for c in sorted(where.columns()) if c not in columns] if where is not None else []
             needed = list(columns) + [c for c in extra if schema.get_field_index(c) >= 0]
-        prefilter = _to_arrow_prefilter(where, schema) if where is not None else None
-        try:
-            dataset = pads.dataset(partition.spec["files"], schema=schema, format="parquet", filesystem=arrow_fs)
-            scanner = dataset.scanner(columns=needed, filter=prefilter, batch_size=batch_rows, use_threads=True)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise PermanentBackendError(f"cannot read {partition.spec['files'][0]}: {exc}") from exc
-        iterator = iter(scanner.to_batches())
-        sentinel = object()
-        while True:
-            try:
-                batch = await asyncio.to_thread(next, iterator, sentinel)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise PermanentBackendError(
-                    f"cannot read {partition.spec['files'][0]} (corrupt or truncated?): {exc}"
-                ) from exc
-            if batch is sentinel:
-                return
-            if where is not None:
-                # The pushed-down filter only prunes; the exact semantics come from the evaluator.
-                batch = filter_batch(batch, where)
-            if columns is not None and needed != columns:
-                batch = batch.select(columns)
-            if batch.num_rows:
-                yield batch
+        for path, relative in zip(spec["files"], spec["relatives"]):
+            display = self._display(path)
+            if self.format == "parquet":
+                iterator = self._parquet_batches(
+                    path, relative, spec.get("row_groups"), schema, part_schema, needed, where, batch_rows
+                )
+            else:
+                iterator = self._text_batches(path, relative, schema, part_schema, needed, display)
+            sentinel = object()
+            while True:
+                try:
+                    batch = await thread_call(next, iterator, sentinel)
+                except FerryError:
+                    raise
+                except (pa.ArrowInvalid, OSError) as exc:
+                    failure = translate_error(exc, f"reading {display}", self.location_info(), self.endpoint_url)
+                    if isinstance(exc, pa.ArrowInvalid):
+                        failure = PermanentBackendError(f"cannot read {display} (corrupt or truncated?): {exc}")
+                    raise failure from exc
+                if batch is sentinel:
+                    break
+                if where is not None:
+                    # The pushed-down filter only prunes; the exact semantics come from the evaluator.
+                    batch = filter_batch(batch, where)
+                if columns is not None and needed != columns:
+                    batch = batch.select(columns)
+                if batch.num_rows:
+                    yield batch
 
-    # -- writing ---------------------------------------------------------------
+    def _parquet_batches(self, path, relative, row_group_range, schema, part_schema, needed, where, batch_rows):
+        arrow_fs = self._filesystems().arrow_fs
+        fmt = pads.ParquetFileFormat()
+        kwargs: dict[str, Any] = {"filesystem": arrow_fs}
+        if len(part_schema):
+            kwargs["partition_expression"] = pads.HivePartitioning(part_schema).parse(relative)
+        if row_group_range is not None:
+            kwargs["row_groups"] = list(range(*row_group_range))
+        fragment = fmt.make_fragment(path, **kwargs)
+        dataset = pads.FileSystemDataset([fragment], schema=schema, format=fmt, filesystem=arrow_fs)
+        prefilter = to_arrow_prefilter(where, schema) if where is not None else None
+        scanner = dataset.scanner(columns=needed, filter=prefilter, batch_size=batch_rows, use_threads=True)
+        return iter(scanner.to_batches())
+
+    def _text_batches(self, path, relative, schema, part_schema, needed, display):
+        arrow_fs = self._filesystems().arrow_fs
+        file_fields = [f for f in schema if part_schema.get_field_index(f.name) < 0]
+        file_schema = pa.schema(file_fields)
+        wanted = needed if needed is not None else schema.names
+        file_columns = [c for c in wanted if file_schema.get_field_index(c) >= 0]
+        values = parse_hive_values(relative, part_schema)
+        for batch in read_text_batches(
+            arrow_fs, path, file_schema, self._text_options(), columns=file_columns, display=display
+        ):
+            arrays = []
+            for name in wanted:
+                if file_schema.get_field_index(name) >= 0:
+                    arrays.append(batch.column(batch.schema.get_field_index(name)))
+                else:
+                    target = schema.field(name).type
+                    arrays.append(pa.array([values.get(name)] * batch.num_rows, pa.string()).cast(target))
+            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in wanted]))
+
+    # -- writing -----------------------------------------------------------------
     async def begin_write(self, dataset: str, ctx: WriteContext) -> None:
-        fs, _ = self._filesystems()
+        fs = self._filesystems().fs
+        check_text_schema(ctx.schema, self.format)
+        part_schema = check_partition_columns(ctx.schema, self.partition_by) if self.partition_by else None
         if ctx.mode is WriteMode.REPLACE:
             target = self._meta(dataset, "versions", ctx.run_id)
         else:
-            target = self.data_path(dataset)
+            target = await self._run(f"reading {self._display(self._meta(dataset, 'CURRENT'))}", self.data_path, dataset)
         ctx.state["objectstore_data_path"] = target
-        await asyncio.to_thread(fs.makedirs, target, exist_ok=True)
-        await asyncio.to_thread(fs.makedirs, self._meta(dataset, "staging", ctx.run_id), exist_ok=True)
+        if self.location_info().protocol == "file":
+            # S3 has no folders; a local folder must exist before files go in.
+            await asyncio.to_thread(fs.makedirs, target, exist_ok=True)
+        if part_schema is not None:
+            body = json.dumps({"columns": self.partition_by, "schema": encode_schema(part_schema)}).encode()
+            await self._run(
+                f"writing {self._display(posixpath.join(target, PARTITIONING_FILE))}",
+                self._put, posixpath.join(target, PARTITIONING_FILE), body,
+            )
 
     async def write(
         self,
@@ -318,107 +650,195 @@ class ObjectStoreBackend(Backend):
         ctx: WriteContext,
     ) -> WriteResult:
         started = time.perf_counter()
-        fs, arrow_fs = self._filesystems()
+        pair = self._filesystems()
         marker = self._meta(dataset, "commits", ctx.run_id, f"{partition_id}.json")
-        if await asyncio.to_thread(fs.exists, marker):
+        if await self._run(f"reading {self._display(marker)}", pair.fs.exists, marker):
             async for _ in batches:
                 pass
             return WriteResult(partition_id, skipped=True)
         data_path = ctx.state.get("objectstore_data_path") or self.data_path(dataset)
         staging = self._meta(dataset, "staging", ctx.run_id, partition_id)
-        await asyncio.to_thread(self._remove_partition_leftovers, data_path, staging, ctx.run_id, partition_id)
-        await asyncio.to_thread(fs.makedirs, staging, exist_ok=True)
+        direct = ctx.mode is WriteMode.REPLACE
+        await self._run(
+            f"removing leftovers of {partition_id} under {self._display(data_path)}",
+            self._remove_partition_leftovers, data_path, staging, ctx.run_id, partition_id, direct,
+        )
+        out_folder = data_path if direct else staging
+        if not direct and pair.location.protocol == "file":
+            await asyncio.to_thread(pair.fs.makedirs, staging, exist_ok=True)
 
-        writer = _RollingParquetWriter(
-            arrow_fs,
-            staging,
+        writer = DatasetWriter(
+            out_folder,
             f"{ctx.run_id}-{partition_id}",
+            file_suffix(self.format, self.compression == "gzip"),
             ctx.schema,
-            compression=self.compression,
-            row_group_rows=self.row_group_rows,
+            lambda path, schema: make_writer(
+                self.format, pair.arrow_fs, path, schema,
+                compression=self.compression, row_group_rows=self.row_group_rows,
+            ),
+            partition_by=self.partition_by,
             file_max_rows=self.file_max_rows,
             file_max_bytes=self.file_max_bytes,
+            max_open_files=self.transfer.max_concurrency or 10,
         )
         try:
             async for batch in batches:
-                await asyncio.to_thread(writer.write, batch)
-            staged_files = await asyncio.to_thread(writer.close)
+                await self._run(f"writing {partition_id} to {self._display(out_folder)}", writer.write, batch)
+            written = await self._run(f"writing {partition_id} to {self._display(out_folder)}", writer.close)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(writer.discard))
-            await asyncio.shield(asyncio.to_thread(_rm, fs, staging))
+            await asyncio.shield(asyncio.to_thread(self._discard_attempt, writer, staging, direct))
             raise
-        final_files = await asyncio.to_thread(self._commit_partition, fs, staged_files, data_path, staging, marker)
+        final_files = await self._run(
+            f"committing {partition_id} into {self._display(data_path)}",
+            self._commit_partition, written, out_folder, data_path, staging, marker, direct,
+        )
         return WriteResult(
             partition_id,
             rows_written=writer.rows,
             bytes_written=writer.bytes_written,
             duration_seconds=time.perf_counter() - started,
-            files=final_files,
+            files=[self._display(p) for p in final_files],
         )
 
-    def _remove_partition_leftovers(self, data_path: str, staging: str, run_id: str, partition_id: str) -> None:
-        fs, _ = self._filesystems()
+    def _discard_attempt(self, writer: DatasetWriter, staging: str, direct: bool) -> None:
+        fs = self._filesystems().fs
+        created = writer.discard()
+        if direct:
+            for path in created:
+                _rm(fs, path)
         _rm(fs, staging)
+
+    def _remove_partition_leftovers(
+        self, data_path: str, staging: str, run_id: str, partition_id: str, direct: bool
+    ) -> None:
+        """Remove what a failed attempt of (run, partition) left, before writing again."""
+        fs = self._filesystems().fs
+        had_staging = _rm(fs, staging)
+        if not direct and not had_staging:
+            # Appended files reach the data folder only while staging still holds
+            # them (copy, marker, then staging removal): no staging, no leftovers.
+            return
         prefix = f"{run_id}-{partition_id}-"
-        if fs.exists(data_path):
-            for path in fs.ls(data_path, detail=False):
-                if posixpath.basename(path).startswith(prefix):
-                    fs.rm(path)
+        try:
+            found = fs.find(data_path)
+        except FileNotFoundError:
+            return
+        leftovers = [
+            p for p in found
+            if posixpath.basename(p).startswith(prefix) and self._is_data(posixpath.relpath(p, data_path))
+        ]
+        if leftovers:
+            fs.rm(leftovers)
 
     def _commit_partition(
         self,
-        fs: fsspec.AbstractFileSystem,
-        staged_files: list[tuple[str, int]],
+        written: list[tuple[str, int]],
+        out_folder: str,
         data_path: str,
         staging: str,
         marker: str,
+        direct: bool,
     ) -> list[str]:
+        fs = self._filesystems().fs
+        local = self.location_info().protocol == "file"
         final = []
-        for path, _rows in staged_files:
-            destination = posixpath.join(data_path, posixpath.basename(path))
-            fs.mv(path, destination)
+        for path, _rows in written:
+            relative = posixpath.relpath(path, out_folder)
+            destination = posixpath.join(data_path, relative)
+            if not direct:
+                if local:
+                    fs.makedirs(posixpath.dirname(destination), exist_ok=True)
+                    fs.mv(path, destination)  # a rename
+                else:
+                    fs.copy(path, destination)  # server-side; staging goes after the marker
             final.append(destination)
-        fs.makedirs(posixpath.dirname(marker), exist_ok=True)
-        record = {"files": [posixpath.basename(p) for p in final], "rows": sum(r for _, r in staged_files)}
-        _atomic_write(fs, marker, json.dumps(record).encode())
+        record = {
+            "files": [posixpath.relpath(p, data_path) for p in final],
+            "rows": sum(r for _, r in written),
+        }
+        self._put(marker, json.dumps(record).encode())
         _rm(fs, staging)
         return final
 
+    def _put(self, path: str, body: bytes) -> None:
+        """Replace a small object in one step: an atomic rename locally, one PUT on S3."""
+        fs = self._filesystems().fs
+        if self.location_info().protocol == "s3":
+            fs.pipe_file(path, body)
+            return
+        import uuid
+
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(temporary, "wb") as handle:
+            handle.write(body)
+        fs.mv(temporary, path)
+
     async def publish(self, dataset: str, ctx: WriteContext) -> None:
-        fs, _ = self._filesystems()
-        await asyncio.to_thread(_rm, fs, self._meta(dataset, "staging", ctx.run_id))
+        fs = self._filesystems().fs
+        await self._run("removing staging", _rm, fs, self._meta(dataset, "staging", ctx.run_id))
         if ctx.mode is not WriteMode.REPLACE:
             return
-        previous = await asyncio.to_thread(self.current_version, dataset)
-        pointer = self._meta(dataset, "CURRENT")
-        body = json.dumps({"version": ctx.run_id, "published_at": time.time()}).encode()
-        await asyncio.to_thread(_atomic_write, fs, pointer, body)
-        await asyncio.to_thread(self._prune_versions, dataset, ctx.run_id, previous)
+        await self._run(
+            f"publishing {self._display(self._meta(dataset, 'CURRENT'))}", self._publish_version, dataset, ctx
+        )
 
-    def _prune_versions(self, dataset: str, current: str, previous: str | None) -> None:
-        fs, _ = self._filesystems()
-        if previous is None:
+    def _publish_version(self, dataset: str, ctx: WriteContext) -> None:
+        fs = self._filesystems().fs
+        commits = self._meta(dataset, "commits", ctx.run_id)
+        try:
+            markers = sorted(fs.find(commits))
+        except FileNotFoundError:
+            markers = []
+        done = {posixpath.basename(m)[: -len(".json")] for m in markers}
+        missing = sorted(set(ctx.committed) - done)
+        if missing:
+            raise PermanentBackendError(
+                f"cannot publish {self._display(self.dataset_path(dataset))}: the commit markers of "
+                f"{', '.join(missing)} are gone (another run removed this version?); run the job again"
+            )
+        records = [json.loads(body) for body in fs.cat(markers).values()] if markers else []
+        previous = self.manifest(dataset)
+        history = []
+        if previous is not None:
+            history = [previous["version"]] + [v for v in previous.get("history", []) if v != previous["version"]]
+        manifest = {
+            "version": ctx.run_id,
+            "published_at": time.time(),
+            "format": self.format,
+            "rows": sum(r["rows"] for r in records),
+            "files": sorted(f for r in records for f in r["files"]),
+            "history": [v for v in history if v != ctx.run_id][:100],
+        }
+        # The publish: one atomic step. Everything before it is invisible to readers.
+        self._put(self._meta(dataset, "CURRENT"), json.dumps(manifest).encode())
+        self._prune_versions(dataset, ctx.run_id, manifest["history"], first_replace=previous is None)
+
+    def _prune_versions(self, dataset: str, current: str, history: list[str], *, first_replace: bool) -> None:
+        fs = self._filesystems().fs
+        if first_replace:
             # First replace of a plain folder: the files at the top are now the old version.
-            for path in self._top_level_data(dataset):
-                fs.rm(path, recursive=True)
+            root = self.dataset_path(dataset)
+            try:
+                entries = fs.ls(root, detail=False)
+            except FileNotFoundError:
+                entries = []
+            for path in entries:
+                if not posixpath.basename(path.rstrip("/")).startswith(("_", ".")):
+                    _rm(fs, path)
+        keep = {current, *history[: self.keep_versions]}
         versions_dir = self._meta(dataset, "versions")
-        if not fs.exists(versions_dir):
+        try:
+            names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(versions_dir, detail=False)]
+        except FileNotFoundError:
             return
-        entries = [p for p in fs.ls(versions_dir, detail=True) if posixpath.basename(p["name"]) != current]
-        entries.sort(key=lambda e: e.get("mtime") or e.get("created") or 0, reverse=True)
-        for entry in entries[self.keep_versions :]:
-            fs.rm(entry["name"], recursive=True)
-            _rm(fs, self._meta(dataset, "commits", posixpath.basename(entry["name"])))
-
-    def _top_level_data(self, dataset: str) -> list[str]:
-        fs, _ = self._filesystems()
-        root = self.dataset_path(dataset)
-        if not fs.exists(root):
-            return []
-        return [p for p in fs.ls(root, detail=False) if not posixpath.basename(p).startswith(("_", "."))]
+        for name in names:
+            if name not in keep:
+                _rm(fs, posixpath.join(versions_dir, name))
+                _rm(fs, self._meta(dataset, "commits", name))
 
     async def abort(self, dataset: str, ctx: WriteContext) -> None:
-        fs, _ = self._filesystems()
+        fs = self._filesystems().fs
 
         def clean() -> None:
             _rm(fs, self._meta(dataset, "staging", ctx.run_id))
@@ -426,172 +846,47 @@ class ObjectStoreBackend(Backend):
                 _rm(fs, self._meta(dataset, "versions", ctx.run_id))
                 _rm(fs, self._meta(dataset, "commits", ctx.run_id))
                 return
-            # Append: committed partitions stay; files moved in place by a partition
+            # Append: committed partitions stay; files copied in place by a partition
             # whose marker was never written are unfinished and go.
             data_path = ctx.state.get("objectstore_data_path") or self.data_path(dataset)
             commits = self._meta(dataset, "commits", ctx.run_id)
             kept: set[str] = set()
-            if fs.exists(commits):
-                for path in fs.ls(commits, detail=False):
-                    with fs.open(path, "rb") as handle:
-                        kept.update(json.loads(handle.read())["files"])
-            if fs.exists(data_path):
-                for path in fs.ls(data_path, detail=False):
-                    name = posixpath.basename(path)
-                    if name.startswith(f"{ctx.run_id}-") and name not in kept:
-                        fs.rm(path)
+            try:
+                markers = fs.find(commits)
+            except FileNotFoundError:
+                markers = []
+            for body in (fs.cat(markers).values() if markers else []):
+                kept.update(json.loads(body)["files"])
+            try:
+                found = fs.find(data_path)
+            except FileNotFoundError:
+                return
+            unfinished = [
+                p for p in found
+                if posixpath.basename(p).startswith(f"{ctx.run_id}-")
+                and self._is_data(posixpath.relpath(p, data_path))
+                and posixpath.relpath(p, data_path) not in kept
+            ]
+            if unfinished:
+                fs.rm(unfinished)
 
-        await asyncio.shield(asyncio.to_thread(clean))
-
-
-class _RollingParquetWriter:
-    """Writes batches to numbered Parquet files, starting a new one at a row or byte limit."""
-
-    def __init__(
-        self,
-        arrow_fs: pafs.FileSystem,
-        folder: str,
-        stem: str,
-        schema: pa.Schema,
-        *,
-        compression: str,
-        row_group_rows: int,
-        file_max_rows: int,
-        file_max_bytes: int,
-    ) -> None:
-        self.arrow_fs = arrow_fs
-        self.folder = folder
-        self.stem = stem
-        self.schema = schema
-        self.compression = compression
-        self.row_group_rows = row_group_rows
-        self.file_max_rows = file_max_rows
-        self.file_max_bytes = file_max_bytes
-        self.rows = 0
-        self.bytes_written = 0
-        self.files: list[tuple[str, int]] = []
-        self._stream = None
-        self._writer: pq.ParquetWriter | None = None
-        self._file_rows = 0
-        self._path = ""
-
-    def _open(self) -> None:
-        self._path = posixpath.join(self.folder, f"{self.stem}-{len(self.files):04d}.parquet")
-        self._stream = self.arrow_fs.open_output_stream(self._path)
-        self._writer = pq.ParquetWriter(self._stream, self.schema, compression=self.compression)
-        self._file_rows = 0
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        offset = 0
-        while offset < batch.num_rows:
-            if self._writer is None:
-                self._open()
-            room = self.file_max_rows - self._file_rows
-            piece = batch.slice(offset, room) if batch.num_rows - offset > room else batch.slice(offset)
-            self._writer.write_batch(piece, row_group_size=self.row_group_rows)
-            self._file_rows += piece.num_rows
-            self.rows += piece.num_rows
-            offset += piece.num_rows
-            if self._file_rows >= self.file_max_rows or self._stream.tell() >= self.file_max_bytes:
-                self._finish_file()
-
-    def _finish_file(self) -> None:
-        assert self._writer is not None and self._stream is not None
-        self._writer.close()
-        size = self._stream.tell()
-        self._stream.close()
-        self.bytes_written += size
-        self.files.append((self._path, self._file_rows))
-        self._writer = self._stream = None
-
-    def close(self) -> list[tuple[str, int]]:
-        """Finish the open file; return (path, rows) of every file written."""
-        if self._writer is not None:
-            self._finish_file()
-        if not self.files:
-            # An empty partition still writes one file, so the schema is kept.
-            self._open()
-            self._finish_file()
-        return self.files
-
-    def discard(self) -> None:
-        """Close without keeping anything (the caller removes the folder)."""
-        try:
-            if self._writer is not None:
-                self._writer.close()
-            if self._stream is not None:
-                self._stream.close()
-        except Exception:
-            pass
-        self._writer = self._stream = None
+        await asyncio.shield(self._run(f"cleaning up run {ctx.run_id} in {self._display(self.dataset_path(dataset))}", clean))
 
 
-def _rm(fs: fsspec.AbstractFileSystem, path: str) -> None:
+def _read_small(fs, path: str) -> bytes | None:
+    """A small object's bytes, or None when it does not exist."""
     try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        return fs.cat_file(path)
     except FileNotFoundError:
-        pass
+        return None
 
 
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> None:
-    """Write ``body`` to a temporary name and rename it over ``path``.
-
-    On a local folder the rename is atomic (os.replace), so readers see the
-    old file or the new one.
-    """
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(temporary, "wb") as handle:
-        handle.write(body)
-    fs.mv(temporary, path)
-
-
-_PUSHABLE = {"eq", "gt", "gte", "lt", "lte", "in", "between"}
-
-
-def _to_arrow_prefilter(where: Filter, schema: pa.Schema) -> pads.Expression | None:
-    """A pyarrow dataset expression that keeps a superset of the rows ``where`` keeps.
-
-    Only operators whose null semantics agree with Ferry's (a null never
-    matches) are pushed; anything else returns None for that branch, and the
-    exact evaluator runs on the result anyway.
-    """
-    if isinstance(where, Comparison):
-        if where.op not in _PUSHABLE or schema.get_field_index(where.column) < 0:
-            return None
-        field = pads.field(where.column)
-        column_type = schema.field(where.column).type
-        try:
-            if where.op == "in":
-                return field.isin(pa.array(where.value).cast(column_type))
-            if where.op == "between":
-                low, high = (pa.scalar(v).cast(column_type) for v in where.value)
-                return (field >= low) & (field <= high)
-            value = pa.scalar(where.value).cast(column_type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
-            return None
-        return {
-            "eq": field == value,
-            "gt": field > value,
-            "gte": field >= value,
-            "lt": field < value,
-            "lte": field <= value,
-        }[where.op]
-    if isinstance(where, And):
-        parts = [p for p in (_to_arrow_prefilter(i, schema) for i in where.items) if p is not None]
-        if not parts:
-            return None
-        expression = parts[0]
-        for part in parts[1:]:
-            expression = expression & part
-        return expression
-    if isinstance(where, Or):
-        parts = [_to_arrow_prefilter(i, schema) for i in where.items]
-        if any(p is None for p in parts) or not parts:
-            return None
-        expression = parts[0]
-        for part in parts[1:]:
-            expression = expression | part
-        return expression
-    return None
+def _rm(fs, path: str) -> bool:
+    """Remove a file or folder (recursively); True when something was there."""
+    try:
+        if not fs.exists(path):
+            return False
+        fs.rm(path, recursive=True)
+        return True
+    except FileNotFoundError:
+        return False

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from .base import Backend
+from .elasticsearch import ElasticsearchBackend, OpenSearchBackend
 from .errors import ConfigurationError
 from .memory import MemoryBackend
 from .objectstore import ObjectStoreBackend
+from .postgres import PostgresBackend
 
 #: Job-file name -> backend block class. Aliases name the same class.
 BACKENDS: dict[str, type[Backend]] = {
@@ -13,6 +15,10 @@ BACKENDS: dict[str, type[Backend]] = {
     "objectstore": ObjectStoreBackend,
     "local": ObjectStoreBackend,
     "file": ObjectStoreBackend,
+    "s3": ObjectStoreBackend,
+    "postgres": PostgresBackend,
+    "elasticsearch": ElasticsearchBackend,
+    "opensearch": OpenSearchBackend,
 }
 
 

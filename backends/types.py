@@ -48,6 +48,7 @@ __all__ = [
     "TypeMapping",
     "arrow_to_elasticsearch",
     "arrow_to_postgres",
+    "postgres_to_arrow",
     "format_arrow_type",
     "format_schema_diff",
     "mapping_table_markdown",
@@ -696,6 +697,71 @@ def arrow_to_postgres(t: pa.DataType) -> str:
     raise ConfigurationError(
         f"Arrow type {t} has no PostgreSQL column type; cast the column "
         "(e.g. to string) or create the target table yourself"
+    )
+
+
+def postgres_to_arrow(pg_type: str, *, is_enum: bool = False) -> pa.DataType:
+    """Arrow type in which Ferry reads a PostgreSQL column of type ``pg_type``.
+
+    ``pg_type`` is the catalog's ``format_type()`` text (``numeric(12,2)``,
+    ``timestamp with time zone``, ``text[]``...). Follows :data:`TYPE_MAPPING`:
+    numeric(p, s) -> decimal, unconstrained numeric, uuid, json/jsonb and enums
+    -> string, interval -> month_day_nano, arrays -> lists. Raises
+    :class:`ConfigurationError` for types with no Arrow counterpart.
+    """
+    text = pg_type.strip().lower()
+    if is_enum:
+        return pa.string()
+    if text.endswith("[]"):
+        return pa.list_(postgres_to_arrow(text[:-2]))
+    base = re.sub(r"\(.*\)", "", text).strip()
+    simple = {
+        "smallint": pa.int16(),
+        "integer": pa.int32(),
+        "bigint": pa.int64(),
+        "real": pa.float32(),
+        "double precision": pa.float64(),
+        "boolean": pa.bool_(),
+        "text": pa.string(),
+        "character varying": pa.string(),
+        "character": pa.string(),
+        "name": pa.string(),
+        '"char"': pa.string(),
+        "citext": pa.string(),
+        "bytea": pa.binary(),
+        "uuid": pa.string(),
+        "json": pa.string(),
+        "jsonb": pa.string(),
+        "date": pa.date32(),
+        "time without time zone": pa.time64("us"),
+        "timestamp without time zone": pa.timestamp("us"),
+        "timestamp with time zone": pa.timestamp("us", tz="UTC"),
+        "interval": pa.month_day_nano_interval(),
+        "oid": pa.int64(),
+    }
+    # Short spellings (what arrow_to_postgres writes and users type).
+    aliases = {
+        "int2": "smallint", "int4": "integer", "int": "integer", "int8": "bigint",
+        "float4": "real", "float8": "double precision", "bool": "boolean",
+        "varchar": "character varying", "char": "character", "bpchar": "character",
+        "time": "time without time zone", "timestamp": "timestamp without time zone",
+        "timestamptz": "timestamp with time zone", "decimal": "numeric",
+    }  # fmt: skip
+    base = aliases.get(base, base)
+    text = "numeric" + text[len("decimal"):] if text.startswith("decimal") else text
+    if base in simple:
+        return simple[base]
+    if base == "numeric":
+        match = re.fullmatch(r"numeric\((\d+),(\d+)\)", text.replace(" ", ""))
+        if match is None:
+            return pa.string()  # unconstrained: exact decimal text
+        precision, scale = int(match.group(1)), int(match.group(2))
+        if precision <= 38:
+            return pa.decimal128(precision, scale)
+        return pa.decimal256(min(precision, 76), scale) if precision <= 76 else pa.string()
+    raise ConfigurationError(
+        f"PostgreSQL type {pg_type!r} has no Arrow mapping; cast the column in a custom `query` "
+        "(e.g. `col::text`) or leave it out with `columns`"
     )
 
 

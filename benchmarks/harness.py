@@ -589,13 +589,23 @@ async def run_benchmarks(
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
     ctx = RunContext(workdir=Path(workdir), parallel=parallel, batch_size=batch_size)
-    startup = await measure_startup(ctx)
+    # Routes with their own ``run`` start no flow: the probe (and Prefect) only when a route needs it.
+    startup = await measure_startup(ctx) if any(getattr(r, "run", None) is None for r in routes) else None
     records = []
     for route in routes:
         async with AsyncExitStack() as stack:
             if route.services is not None:
                 log(f"{route.name}: starting services")
                 await stack.enter_async_context(route.services(ctx))
+            if getattr(route, "run", None) is not None:
+                if warmup_rows > 0:
+                    log(f"{route.name}: warm-up with {min(warmup_rows, max(rows_list)):,} rows (not measured)")
+                    await route.run(ctx, min(warmup_rows, max(rows_list)), 1)
+                for rows in rows_list:
+                    for record in await route.run(ctx, rows, repeat):
+                        records.append(record)
+                        emit(record)
+                continue
             if warmup_rows > 0:
                 await warm_up(route, ctx, warmup_rows)
             for rows in rows_list:

@@ -129,11 +129,19 @@ class Route:
 
     name: str
     description: str
-    ferry: Callable[[RunContext, int], Awaitable[FerryResult]]
-    baseline_name: str
-    baseline: Callable[[RunContext, int], BaselineResult | Awaitable[BaselineResult]]
+    ferry: Callable[[RunContext, int], Awaitable[FerryResult]] | None = None
+    baseline_name: str = ""
+    baseline: Callable[[RunContext, int], BaselineResult | Awaitable[BaselineResult]] | None = None
     prepare: Callable[[RunContext, int], Awaitable[None]] | None = None
     services: Callable[[RunContext], AsyncContextManager[Any]] | None = None
+    #: A route that measures itself instead of ``ferry``/``baseline`` (no flow run, no
+    #: start-up probe): ``run(ctx, rows, repeat)`` returns its JSON records for one row
+    #: count, each already holding ``route`` and ``rows`` (e.g. the ``records`` route).
+    run: Callable[[RunContext, int, int], Awaitable[list[dict[str, Any]]]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.run is None and (self.ferry is None or self.baseline is None):
+            raise ValueError(f"route {self.name!r} needs ferry and baseline, or run")
 
 
 #: Route name -> route, in registration order.
@@ -284,3 +292,7 @@ register(
         prepare=prepare_parquet_input,
     )
 )
+from . import es_routes  # noqa: E402,F401  (memory-to-es, es-to-memory)
+from . import postgres_routes  # noqa: E402,F401  (memory-to-postgres, postgres-to-memory/-parquet/-postgres)
+from . import s3_routes  # noqa: E402,F401  (memory-to-s3, s3-to-memory, s3-many-files)
+from . import records_routes  # noqa: E402,F401  (records: the guide's record API benchmark)

@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_interrupted(tracker: Any) -> None:
-    committed = tracker.committed()
+    committed = tracker.kept_after_stop()
     print(
         "ferry: interrupted; this run's unfinished output was removed. Committed partitions: "
         + (", ".join(committed) if committed else "none"),
@@ -195,7 +195,7 @@ def _print_interrupted(tracker: Any) -> None:
 
 
 def _print_committed(tracker: Any) -> None:
-    committed = tracker.committed()
+    committed = tracker.kept_after_stop()
     if committed:
         print(f"ferry: committed partitions before the failure: {', '.join(committed)}", file=sys.stderr)
 

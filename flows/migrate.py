@@ -135,6 +135,7 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
         job = job_from_dict(job.model_dump(mode="json"), overrides=overrides)
     run_id = run_id or new_run_id()
     tracker = tracker_for(run_id)
+    tracker.keeps_committed_on_stop = job.mode is not WriteMode.REPLACE
     logger = _logger()
     started = time.monotonic()
     source = await build_backend(job.source)
@@ -193,7 +194,7 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
         except BaseException as exc:
             reporter.cancel()
             await asyncio.shield(target.abort(job.target.dataset, ctx))
-            committed = tracker.committed()
+            committed = tracker.kept_after_stop()
             logger.error(
                 "run %s stopped (%s); this run's unfinished output was removed; committed partitions: %s",
                 run_id,

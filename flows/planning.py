@@ -137,6 +137,7 @@ async def plan_job(job: JobSpec, source: Backend, target: Backend) -> Plan:
         )
     if not target.effective_capabilities.readable_after_write and job.verify:
         notes.append("the target keeps no data, so verification compares row counts only")
+    notes.extend(await target.plan_notes(job.target.dataset, mode))
     return Plan(
         job=job,
         source=source,

@@ -173,7 +173,14 @@ def _check_endpoint(endpoint: EndpointSpec, side: str, source: str) -> None:
             cls = backend_class(endpoint.backend, path=f"{side}.backend")
         except ConfigurationError as exc:
             raise ConfigurationError(exc.message, source=source, path=exc.path) from None
-        unknown = sorted(set(endpoint.settings) - set(cls.model_fields))
+        # Settings may use a field's validation aliases (e.g. postgres `min_size` for min_connections).
+        known = set(cls.model_fields) | {
+            alias
+            for info in cls.model_fields.values()
+            for alias in getattr(info.validation_alias, "choices", ())
+            if isinstance(alias, str)
+        }
+        unknown = sorted(set(endpoint.settings) - known)
         if unknown:
             allowed = ", ".join(list(ENDPOINT_KEYS) + sorted(cls.model_fields))
             raise ConfigurationError(

@@ -11,6 +11,7 @@ worker threads, where pyarrow releases the GIL.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -61,6 +62,8 @@ class PartitionJob:
     verify: bool
     #: Filled by the stages.
     checksum: Checksum = field(default_factory=Checksum)
+    #: Rows the target rejected (on_error: collect); taken out of ``checksum`` for verify.
+    rejected_checksum: Checksum = field(default_factory=Checksum)
 
     @property
     def pid(self) -> str:
@@ -153,7 +156,18 @@ async def stream_write(job: PartitionJob, inbox: asyncio.Queue) -> dict[str, Any
             yield batch
             job.tracker.add_written(job.pid, batch.num_rows)
 
-    result = await job.target.write(job.target_dataset, job.pid, batches(), job.write_ctx)
+    ctx, sink = job.write_ctx, None
+    if ctx.on_error == "collect":
+        # Targets that isolate rows they cannot store hand them over here (WriteContext.reject).
+        sink = RejectsSink(job.rejects_dir, job.pid, job.key)
+        ctx = dataclasses.replace(ctx, reject=_write_rejector(job, sink))
+    result = await job.target.write(job.target_dataset, job.pid, batches(), ctx)
+    if result.rows_rejected:
+        job.tracker.add_written(job.pid, -result.rows_rejected)  # counted as handed over, not stored
+    if sink is not None and sink.rows:
+        path = await asyncio.to_thread(sink.flush, append=True)
+        job.tracker.partition(job.pid).rejects_file = path
+        _logger().warning("%s rows of %s were rejected by the target; kept in %s", f"{sink.rows:,}", job.pid, path)
     job.write_ctx.committed.add(job.pid)
     job.tracker.mark_committed(job.pid)
     progress = job.tracker.partition(job.pid)
@@ -171,6 +185,32 @@ async def stream_write(job: PartitionJob, inbox: asyncio.Queue) -> dict[str, Any
             f"{result.bytes_written:,}",
         )
     return result.to_dict()
+
+
+def _minus(total: Checksum, removed: Checksum) -> Checksum:
+    """``total`` without the rows of ``removed`` (checksums are sums of row hashes)."""
+    if not removed.rows:
+        return total
+    return Checksum(total.rows - removed.rows, total.value - removed.value, total.schema_fingerprint)
+
+
+def _write_rejector(job: PartitionJob, sink: RejectsSink):
+    """The ``WriteContext.reject`` of one partition: record rows, enforce max_rejected_rows."""
+
+    def reject(batch: pa.RecordBatch, rejects: pa.Table) -> int:
+        count = sink.add(batch, rejects)
+        if job.verify:
+            job.rejected_checksum.update(batch.take(pa.concat_arrays(rejects.column("row_index").chunks)))
+        total = job.tracker.add_rejected(job.pid, count)
+        if total > job.max_rejected_rows:
+            raise RejectLimitExceeded(
+                f"more than max_rejected_rows={job.max_rejected_rows} rows were rejected; "
+                f"see the rejects in {sink.folder} and fix the data or raise the limit",
+                rows=total,
+            )
+        return count
+
+    return reject
 
 
 async def run_stages(*coroutines: Awaitable[Any]) -> list[Any]:
@@ -206,6 +246,7 @@ async def migrate_partition(job: PartitionJob) -> dict[str, Any]:
     progress.status = "running"
     job.tracker.reset_partition(job.pid)
     job.checksum = Checksum()
+    job.rejected_checksum = Checksum()
     raw: asyncio.Queue = asyncio.Queue(maxsize=job.stream.buffer_size)
     # A stage hop costs measurable throughput on a busy machine: skip it when
     # the transform stage would hand every batch on unchanged.
@@ -230,7 +271,7 @@ async def migrate_partition(job: PartitionJob) -> dict[str, Any]:
         "rows_rejected": transformed["rows_rejected"],
         "skipped": written["skipped"],
         "seconds": progress.seconds,
-        "checksum": job.checksum.to_dict(),
+        "checksum": _minus(job.checksum, job.rejected_checksum).to_dict(),
     }
 
 

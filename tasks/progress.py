@@ -60,6 +60,8 @@ class RunTracker:
         self.first_read_at: float | None = None
         self.last_commit_at: float | None = None
         self.finished = False
+        #: False for a replace: its committed partitions are discarded if the run stops.
+        self.keeps_committed_on_stop = True
 
     def partition(self, partition_id: str) -> PartitionProgress:
         with self.lock:
@@ -109,6 +111,10 @@ class RunTracker:
     def committed(self) -> list[str]:
         with self.lock:
             return sorted(p.partition_id for p in self.partitions.values() if p.status in ("committed", "skipped"))
+
+    def kept_after_stop(self) -> list[str]:
+        """Partitions whose data stays in the target when the run stops before publishing."""
+        return self.committed() if self.keeps_committed_on_stop else []
 
     def data_seconds(self) -> float:
         """Seconds from the first batch read to the last partition committed."""

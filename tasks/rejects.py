@@ -82,12 +82,19 @@ class RejectsSink:
         """Move the row offset past an input batch (for row keys without key columns)."""
         self.rows_seen += rows
 
-    def flush(self) -> str | None:
-        """Write the rejects file (if any row was rejected) and return its path."""
+    def flush(self, *, append: bool = False) -> str | None:
+        """Write the rejects file (if any row was rejected) and return its path.
+
+        ``append`` keeps the rows already in the file (the write stage adds the
+        target's rejects to the transform stage's file of the same partition).
+        """
         if not self._tables:
             return None
         os.makedirs(self.folder, exist_ok=True)
-        table = pa.concat_tables(self._tables)
+        tables = list(self._tables)
+        if append and os.path.exists(self.path):
+            tables.insert(0, pq.read_table(self.path))
+        table = pa.concat_tables(tables)
         temporary = self.path + ".tmp"
         pq.write_table(table, temporary)
         os.replace(temporary, self.path)

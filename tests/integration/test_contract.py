@@ -17,6 +17,9 @@ import pytest
 from ferry.backends import MemoryBackend, ObjectStoreBackend, WriteContext, WriteMode
 from ferry.backends.base import Backend
 from ferry.backends.checksum import Checksum
+from tests.integration.es_server import contract_backend, es_server  # noqa: F401
+from tests.integration.pg_server import contract_backend as postgres_contract_backend, postgres_server  # noqa: F401
+from tests.integration.s3_server import contract_backend as s3_contract_backend, s3_server  # noqa: F401
 
 
 def _memory(tmp_path) -> Backend:
@@ -27,7 +30,7 @@ def _local(tmp_path) -> Backend:
     return ObjectStoreBackend(url=str(tmp_path / "store"))
 
 
-BACKEND_FACTORIES: dict[str, Callable] = {"memory": _memory, "local": _local}
+BACKEND_FACTORIES: dict[str, Callable] = {"memory": _memory, "local": _local, "elasticsearch": contract_backend, "postgres": postgres_contract_backend, "s3": s3_contract_backend}
 
 
 @pytest.fixture(params=sorted(BACKEND_FACTORIES))

@@ -133,7 +133,18 @@ def test_rss_sampler_sees_this_process():
     peaks = sampler.peaks
     assert peaks.samples >= 2
     assert peaks.own >= peaks.start_own > 0
-    assert peaks.prefect_server == 0
+    # Earlier tests of the session may have started Prefect's test server as a child.
+    import psutil
+
+    from benchmarks.harness import is_prefect_server
+
+    server_children = [
+        c for c in psutil.Process().children(recursive=True) if is_prefect_server(c.cmdline())
+    ]
+    if server_children:
+        assert peaks.prefect_server > 0
+    else:
+        assert peaks.prefect_server == 0
 
 
 def _results_file(tmp_path: Path) -> Path:

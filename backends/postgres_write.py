@@ -1,0 +1,521 @@
+"""Writing to PostgreSQL: table creation, per-partition transactions with the ledger, replace swaps.
+
+:class:`PostgresWriteMixin` gives the backend block ``begin_write`` (schema,
+ledger and target or new table), ``write``, ``publish`` (the rename swap, or
+TRUNCATE + INSERT when views, foreign keys or publications depend on the
+target) and ``abort``. :class:`PartitionWriter` runs in a worker thread. It pulls batches from the
+pipeline's async stream (through the event loop), adapts them for binary COPY
+and hands them to ``adbc_ingest``; the partition's rows and its ledger row
+commit together, so a retry after a lost acknowledgement finds the ledger row
+and skips. Upsert loads a temporary staging table and merges it with
+``INSERT ... SELECT DISTINCT ON (key) ... ON CONFLICT (key) DO UPDATE`` (the
+last row for a key wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import Any, AsyncIterable, Callable
+
+import pyarrow as pa
+
+from . import postgres_sql as sql
+from .base import WriteContext, WriteMode, WriteResult
+from .errors import ConfigurationError, DataError, FerryError, PermanentBackendError
+from .postgres_copy import END, AdbcConnectionPool, adapt_for_ingest, next_or_end, run_quietly, settle, translate_error
+
+
+class PostgresWriteMixin:
+    """``begin_write``, ``write``, ``publish`` and ``abort`` of the PostgreSQL backend."""
+
+    # -- writing ------------------------------------------------------------------------------------
+    async def begin_write(self, dataset: str, ctx: WriteContext) -> None:
+        schema, table = self._names(dataset)
+        sql.check_column_names(ctx.schema.names, table)
+        for name in ctx.key:
+            if ctx.schema.get_field_index(name) < 0:
+                raise ConfigurationError(f"key column {name!r} is not in the written columns", path="key")
+        target = sql.qualified(schema, table)
+        state: dict[str, Any] = {"schema": schema, "table": table, "write_table": table}
+        try:
+            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {sql.quote_ident(schema)}")
+                await conn.execute(sql.ledger_sql(schema))
+                exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target)
+                if ctx.mode is WriteMode.REPLACE:
+                    strategy = self.replace_strategy
+                    dependents = await conn.fetch(sql.DEPENDENTS_SQL, target) if exists else []
+                    if strategy == "auto":
+                        strategy = "truncate" if dependents else "swap"
+                    if strategy == "swap" and dependents:
+                        raise ConfigurationError(
+                            f"{schema}.{table} cannot be swapped by rename: "
+                            + ", ".join(r[0] for r in dependents)
+                            + " depend on it; set replace_strategy: truncate (or auto)",
+                            path="replace_strategy",
+                        )
+                    new = sql.helper_table_name(table, ctx.run_id, "new")
+                    await conn.execute(f"DROP TABLE IF EXISTS {sql.qualified(schema, new)}")
+                    for statement in sql.create_table_sql(schema, new, ctx.schema, ctx.key):
+                        await conn.execute(statement)
+                    state.update(write_table=new, strategy=strategy, target_existed=bool(exists))
+                elif not exists:
+                    async with conn.transaction():
+                        for statement in sql.create_table_sql(schema, table, ctx.schema, ctx.key):
+                            await conn.execute(statement)
+                else:
+                    await self._add_missing_columns(conn, schema, table, ctx.schema)
+                    if ctx.mode is WriteMode.UPSERT:
+                        await self._ensure_unique_key(conn, schema, table, ctx.key)
+                if ctx.mode is not WriteMode.REPLACE:
+                    for index in self.indexes:
+                        await conn.execute(sql.index_sql(schema, table, index, ctx.schema.names))
+                else:
+                    for index in self.indexes:  # checked now, created at publish
+                        sql.index_sql(schema, table, index, ctx.schema.names)
+                rows = await conn.fetch(sql.CATALOG_COLUMNS_SQL, sql.qualified(schema, state["write_table"]))
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, f"preparing {schema}.{table} for writing") from None
+        state["column_types"] = {r["name"]: r["type"] for r in rows}
+        ctx.state["postgres"] = state
+
+    async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
+        """How replace and upsert will run against this table (shown by ``ferry plan``)."""
+        if mode is WriteMode.UPSERT:
+            return ["upsert: each partition is COPYed into a staging table and merged with INSERT ... ON CONFLICT; the last row for a key wins"]
+        if mode is not WriteMode.REPLACE:
+            return []
+        schema, table = self._names(dataset)
+        async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+            dependents = await conn.fetch(sql.DEPENDENTS_SQL, sql.qualified(schema, table))
+        names = ", ".join(r[0] for r in dependents)
+        if dependents and self.replace_strategy != "swap":
+            return [f"replace: {names} depend on {schema}.{table}, so the new rows replace the old with TRUNCATE + INSERT in one transaction (not a rename swap)"]
+        if dependents:
+            return [f"replace: {names} depend on {schema}.{table}; replace_strategy swap will be refused: use truncate or auto"]
+        if self.replace_strategy == "truncate":
+            return ["replace: the new rows replace the old with TRUNCATE + INSERT in one transaction"]
+        return ["replace: partitions load a new table, swapped in by rename in one transaction at publish"]
+
+    async def _ensure_unique_key(self, conn: Any, schema: str, table: str, key: tuple[str, ...]) -> None:
+        """ON CONFLICT needs a unique index on exactly the key columns: create one when missing."""
+        name = sql.qualified(schema, table)
+        rows = await conn.fetch(
+            "SELECT array_agg(a.attname ORDER BY a.attname) FROM pg_index i "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+            "WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL GROUP BY i.indexrelid",
+            name,
+        )
+        if any(sorted(r[0]) == sorted(key) for r in rows):
+            return
+        index = sql.helper_table_name(table, ",".join(key), "key")
+        columns = ", ".join(sql.quote_ident(k) for k in key)
+        try:
+            await conn.execute(f"CREATE UNIQUE INDEX {sql.quote_ident(index)} ON {name} ({columns})")
+        except Exception as exc:
+            raise ConfigurationError(
+                f"upsert needs a unique index on ({', '.join(key)}) of {schema}.{table} and creating one failed "
+                f"({exc}); remove the duplicate keys or create the index yourself",
+                path="key",
+            ) from None
+
+    async def _add_missing_columns(self, conn: Any, schema: str, table: str, arrow_schema: pa.Schema) -> None:
+        rows = await conn.fetch(sql.CATALOG_COLUMNS_SQL, sql.qualified(schema, table))
+        present = {r["name"] for r in rows}
+        for field in arrow_schema:
+            if field.name not in present:
+                await conn.execute(
+                    f"ALTER TABLE {sql.qualified(schema, table)} ADD COLUMN {sql.quote_ident(field.name)} {sql.column_sql_type(field)}"
+                )
+
+    async def write(
+        self,
+        dataset: str,
+        partition_id: str,
+        batches: AsyncIterable[pa.RecordBatch],
+        ctx: WriteContext,
+    ) -> WriteResult:
+        started = time.perf_counter()
+        state = ctx.state.get("postgres")
+        if state is None:
+            raise ConfigurationError("write without begin_write: call begin_write(dataset, ctx) first")
+        adbc = self._adbc()
+        loop = asyncio.get_running_loop()
+        iterator = batches.__aiter__()
+        pending: set[concurrent.futures.Future] = set()
+        stop = threading.Event()
+
+        def pull() -> pa.RecordBatch | None:
+            if stop.is_set():
+                raise PermanentBackendError("the write was cancelled")
+            future = asyncio.run_coroutine_threadsafe(next_or_end(iterator), loop)
+            pending.add(future)
+            try:
+                item = future.result()
+            except BaseException as exc:
+                # The upstream stage failed: that error, not the driver's wrapping of it, is the cause.
+                writer.source_error = exc
+                raise
+            finally:
+                pending.discard(future)
+            return None if item is END else item
+
+        writer = PartitionWriter(state, ctx, partition_id, pull)
+        done: asyncio.Future = loop.create_future()
+
+        def run() -> None:
+            try:
+                result: Any = writer.run(adbc)
+            except BaseException as exc:  # handed to the event loop
+                loop.call_soon_threadsafe(settle, done, None, exc)
+                return
+            loop.call_soon_threadsafe(settle, done, result, None)
+
+        threading.Thread(target=run, name=f"ferry-pg-write-{partition_id}", daemon=True).start()
+        try:
+            skipped = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            stop.set()
+            for future in list(pending):
+                future.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(done), timeout=30)
+            except BaseException:
+                pass
+            raise
+        if skipped:
+            async for _ in iterator:  # drain so upstream stages finish
+                pass
+            return WriteResult(partition_id, skipped=True)
+        return WriteResult(
+            partition_id,
+            rows_written=writer.rows - writer.rejected,
+            rows_rejected=writer.rejected,
+            bytes_written=writer.nbytes,
+            duration_seconds=time.perf_counter() - started,
+        )
+
+    async def publish(self, dataset: str, ctx: WriteContext) -> None:
+        state = ctx.state.get("postgres")
+        if state is None or ctx.mode is not WriteMode.REPLACE:
+            return
+        schema, table, new = state["schema"], state["table"], state["write_table"]
+        target, staged = sql.qualified(schema, table), sql.qualified(schema, new)
+        ledger = sql.qualified(schema, sql.LEDGER_TABLE)
+        try:
+            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+                async with conn.transaction():
+                    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target)
+                    if exists and state.get("strategy") == "truncate":
+                        await conn.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
+                        names = ", ".join(sql.quote_ident(n) for n in ctx.schema.names)
+                        await conn.execute(f"TRUNCATE {target}")
+                        await conn.execute(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}")
+                        await conn.execute(f"DROP TABLE {staged}")
+                    else:
+                        if exists:
+                            await conn.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
+                            await self._carry_over(conn, schema, table, new)
+                            old = sql.helper_table_name(table, ctx.run_id, "old")
+                            await conn.execute(f"ALTER TABLE {target} RENAME TO {sql.quote_ident(old)}")
+                            await conn.execute(f"DROP TABLE {sql.qualified(schema, old)}")
+                        await conn.execute(f"ALTER TABLE {staged} RENAME TO {sql.quote_ident(table)}")
+                        await self._rename_primary_key(conn, schema, table)
+                    # Declared indexes: built once over the loaded rows (faster than during COPY).
+                    for index in self.indexes:
+                        await conn.execute(sql.index_sql(schema, table, index, ctx.schema.names))
+                    await conn.execute(f"DELETE FROM {ledger} WHERE target = $1", new)
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, f"publishing the replace of {schema}.{table}") from None
+
+    async def _carry_over(self, conn: Any, schema: str, table: str, new: str) -> None:
+        """Grants, the table comment and column comments of the old table go to the new one."""
+        old_name, new_name = sql.qualified(schema, table), sql.qualified(schema, new)
+        grants = await conn.fetch(
+            "SELECT grantee, privilege_type FROM information_schema.role_table_grants "
+            "WHERE table_schema = $1 AND table_name = $2 AND grantee <> current_user",
+            schema,
+            table,
+        )
+        for grantee, privilege in grants:
+            target = "PUBLIC" if grantee == "PUBLIC" else sql.quote_ident(grantee)
+            await conn.execute(f"GRANT {privilege} ON {new_name} TO {target}")
+        comment = await conn.fetchval("SELECT obj_description(to_regclass($1), 'pg_class')", old_name)
+        if comment:
+            await conn.execute(f"COMMENT ON TABLE {new_name} IS {sql.render_text_literal(comment)}")
+        rows = await conn.fetch(
+            "SELECT a.attname, col_description(a.attrelid, a.attnum) FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            old_name,
+        )
+        new_columns = {r["name"] for r in await conn.fetch(sql.CATALOG_COLUMNS_SQL, new_name)}
+        for name, text in rows:
+            if text and name in new_columns and not text.startswith(sql.ARROW_COMMENT_PREFIX):
+                await conn.execute(
+                    f"COMMENT ON COLUMN {new_name}.{sql.quote_ident(name)} IS {sql.render_text_literal(text)}"
+                )
+
+    async def _rename_primary_key(self, conn: Any, schema: str, table: str) -> None:
+        name = await conn.fetchval(
+            "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p'",
+            sql.qualified(schema, table),
+        )
+        wanted = f"{table}_pkey"
+        if name and name != wanted and len(wanted.encode()) <= sql.MAX_IDENTIFIER_BYTES:
+            await conn.execute(
+                f"ALTER TABLE {sql.qualified(schema, table)} RENAME CONSTRAINT {sql.quote_ident(name)} TO {sql.quote_ident(wanted)}"
+            )
+
+    async def abort(self, dataset: str, ctx: WriteContext) -> None:
+        state = ctx.state.get("postgres")
+        if state is None or ctx.mode is not WriteMode.REPLACE:
+            return  # committed partitions stay; open transactions were rolled back
+        schema, new = state["schema"], state["write_table"]
+
+        async def drop() -> None:
+            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+                await conn.execute(f"DROP TABLE IF EXISTS {sql.qualified(schema, new)}")
+                await conn.execute(f"DELETE FROM {sql.qualified(schema, sql.LEDGER_TABLE)} WHERE target = $1", new)
+
+        await asyncio.shield(drop())
+
+
+class PartitionWriter:
+    """One partition's write on one ADBC connection and transaction (runs in a worker thread)."""
+
+    #: Batches kept to name the row of a COPY error (the server reports a line number).
+    RECENT_BATCHES = 16
+
+    def __init__(self, state: dict[str, Any], ctx: WriteContext, partition_id: str, pull: Callable[[], pa.RecordBatch | None]) -> None:
+        self.state = state
+        self.ctx = ctx
+        self.partition_id = partition_id
+        self.pull = pull
+        self.rows = 0
+        self.nbytes = 0
+        #: Rows handed to ``ctx.reject`` (on_error: collect).
+        self.rejected = 0
+        #: An error raised by the incoming stream (re-raised as is).
+        self.source_error: BaseException | None = None
+        self._recent: collections.deque[tuple[int, pa.RecordBatch]] = collections.deque(maxlen=self.RECENT_BATCHES)
+
+    def _batches(self, first: pa.RecordBatch, schema: pa.Schema, extra_seq: bool):
+        batch: pa.RecordBatch | None = first
+        while batch is not None:
+            adapted = adapt_for_ingest(batch, self.state["column_types"])
+            if adapted.schema != schema:
+                adapted = adapted.cast(schema)
+            if extra_seq:
+                seq = pa.array(range(self.rows, self.rows + adapted.num_rows), pa.int64())
+                adapted = adapted.append_column("__ferry_seq", seq)
+            self._recent.append((self.rows, batch))
+            self.rows += batch.num_rows
+            self.nbytes += batch.nbytes
+            yield adapted
+            batch = self.pull()
+
+    def locate(self, line: int, column: str | None) -> tuple[Any, Any]:
+        """(row key, value) of the 1-based COPY ``line`` when its batch is still at hand."""
+        row = line - 1
+        for offset, batch in self._recent:
+            if offset <= row < offset + batch.num_rows:
+                return self._row_of(batch, row - offset, column, offset)
+        return None, None
+
+    def _row_of(self, batch: pa.RecordBatch, index: int, column: str | None, offset: int) -> tuple[Any, Any]:
+        if not 0 <= index < batch.num_rows:
+            return None, None
+        key = None
+        if self.ctx.key:
+            key = [batch.column(k)[index].as_py() for k in self.ctx.key if batch.schema.get_field_index(k) >= 0]
+        value = None
+        if column and batch.schema.get_field_index(column) >= 0:
+            value = batch.column(column)[index].as_py()
+        return key if key else f"row {offset + index} of the partition", value
+
+    def run(self, adbc: AdbcConnectionPool) -> bool:
+        """Write and commit; returns True when the ledger shows an earlier attempt committed."""
+        state, ctx = self.state, self.ctx
+        schema, table = state["schema"], state["write_table"]
+        ledger = sql.qualified(schema, sql.LEDGER_TABLE)
+        ledger_key = (ctx.job_name, ctx.run_id, self.partition_id, table)
+        upsert = ctx.mode is WriteMode.UPSERT
+        conn = adbc.acquire()
+        broken = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+                cur.execute(
+                    f"SELECT 1 FROM {ledger} WHERE target = $1 AND run_id = $2 AND partition_id = $3 AND job = $4",
+                    parameters=(table, ctx.run_id, self.partition_id, ctx.job_name),
+                )
+                if cur.fetchone() is not None:
+                    cur.execute("ROLLBACK")
+                    broken = False
+                    return True
+                first = self.pull()
+                if first is not None:
+                    if ctx.on_error == "collect" and ctx.reject is not None:
+                        self._load_collecting(cur, first, schema, table, upsert)
+                    else:
+                        self._load(cur, first, schema, table, upsert)
+                cur.execute(
+                    f"INSERT INTO {ledger} (job, run_id, partition_id, target, rows) VALUES ($1, $2, $3, $4, $5)",
+                    parameters=(*ledger_key[:3], table, self.rows - self.rejected),
+                )
+                cur.execute("COMMIT")
+                broken = False
+                return False
+        except BaseException as exc:
+            try:
+                with conn.cursor() as cur:
+                    run_quietly(cur, "ROLLBACK")
+            except Exception:
+                pass
+            if self.source_error is not None:
+                raise self.source_error from None
+            if isinstance(exc, (FerryError, concurrent.futures.CancelledError)):
+                raise
+            if isinstance(exc, Exception):
+                raise translate_error(
+                    exc, f"writing partition {self.partition_id} to {schema}.{table}", locate=self.locate
+                ) from None
+            raise
+        finally:
+            adbc.release(conn, broken=broken)
+
+    def _load(self, cur: Any, first: pa.RecordBatch, schema: str, table: str, upsert: bool) -> None:
+        """COPY the stream into the table, or into a staging table merged with one INSERT ... SELECT.
+
+        Staging is used for upsert and for columns the driver cannot COPY in
+        binary from their Arrow type (text for uuid, unconstrained numeric or
+        enum columns): those are staged as text and cast by the server.
+        """
+        types = self.state["column_types"]
+        names = first.schema.names
+        probe = adapt_for_ingest(first.slice(0, 0), types)
+        as_text = [f.name for f in probe.schema if needs_server_cast(f.type, types.get(f.name, ""))]
+        if not upsert and not as_text:
+            reader = pa.RecordBatchReader.from_batches(probe.schema, self._batches(first, probe.schema, False))
+            cur.adbc_ingest(table, reader, mode="append", db_schema_name=schema)
+            return
+        stage = sql.quote_ident("ferry_stage")
+        cur.execute(f"CREATE TEMPORARY TABLE {stage} (LIKE {sql.qualified(schema, table)}) ON COMMIT DROP")
+        for name in as_text:
+            cur.execute(f"ALTER TABLE pg_temp.{stage} ALTER COLUMN {sql.quote_ident(name)} TYPE text")
+        cur.execute(f"ALTER TABLE pg_temp.{stage} ADD COLUMN __ferry_seq bigint")
+        reader_schema = probe.schema.append(pa.field("__ferry_seq", pa.int64()))
+        reader = pa.RecordBatchReader.from_batches(reader_schema, self._batches(first, probe.schema, True))
+        cur.adbc_ingest("ferry_stage", reader, mode="append", temporary=True)
+        cur.execute(self._insert_sql(schema, table, names, {n: types[n] for n in as_text}, upsert))
+
+    def _load_collecting(self, cur: Any, first: pa.RecordBatch, schema: str, table: str, upsert: bool) -> None:
+        """on_error: collect -- load batch by batch under savepoints; split a failing batch to isolate bad rows.
+
+        Good rows still load; each row the table refuses goes to ``ctx.reject``
+        with the column, value and the server's reason. Slower than the
+        streaming COPY of :meth:`_load` (one COPY per batch, more on failures).
+        """
+        types = self.state["column_types"]
+        probe = adapt_for_ingest(first.slice(0, 0), types)
+        as_text = [f.name for f in probe.schema if needs_server_cast(f.type, types.get(f.name, ""))]
+        staged = upsert or bool(as_text)
+        if staged:
+            stage = sql.quote_ident("ferry_stage")
+            cur.execute(f"CREATE TEMPORARY TABLE {stage} (LIKE {sql.qualified(schema, table)}) ON COMMIT DROP")
+            for name in as_text:
+                cur.execute(f"ALTER TABLE pg_temp.{stage} ALTER COLUMN {sql.quote_ident(name)} TYPE text")
+            cur.execute(f"ALTER TABLE pg_temp.{stage} ADD COLUMN __ferry_seq bigint")
+        insert = self._insert_sql(schema, table, first.schema.names, {n: types[n] for n in as_text}, upsert)
+        batch: pa.RecordBatch | None = first
+        while batch is not None:
+            offset = self.rows
+            self._recent.append((offset, batch))
+            self.rows += batch.num_rows
+            self.nbytes += batch.nbytes
+            self._isolate(cur, batch, offset, schema, table, staged, insert, probe.schema)
+            batch = self.pull()
+
+    def _isolate(self, cur: Any, batch: pa.RecordBatch, offset: int, schema: str, table: str, staged: bool, insert: str, ingest_schema: pa.Schema) -> None:
+        cur.execute("SAVEPOINT ferry_rows")
+        try:
+            adapted = adapt_for_ingest(batch, self.state["column_types"])
+            if adapted.schema != ingest_schema:
+                adapted = adapted.cast(ingest_schema)
+            if staged:
+                seq = pa.array(range(offset, offset + adapted.num_rows), pa.int64())
+                cur.adbc_ingest("ferry_stage", adapted.append_column("__ferry_seq", seq), mode="append", temporary=True)
+                cur.execute(insert)
+                cur.execute("TRUNCATE pg_temp.ferry_stage")
+            else:
+                cur.adbc_ingest(table, adapted, mode="append", db_schema_name=schema)
+            cur.execute("RELEASE SAVEPOINT ferry_rows")
+            return
+        except Exception as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT ferry_rows")
+            cur.execute("RELEASE SAVEPOINT ferry_rows")
+            error = translate_error(
+                exc,
+                f"writing partition {self.partition_id} to {schema}.{table}",
+                locate=lambda line, column: self._row_of(batch, line - 1, column, offset),
+            )
+            if not isinstance(error, DataError):
+                raise error from None
+        if batch.num_rows > 1:
+            middle = batch.num_rows // 2
+            self._isolate(cur, batch.slice(0, middle), offset, schema, table, staged, insert, ingest_schema)
+            self._isolate(cur, batch.slice(middle), offset + middle, schema, table, staged, insert, ingest_schema)
+            return
+        column = error.column if error.column and batch.schema.get_field_index(error.column) >= 0 else None
+        value = batch.column(column)[0].as_py() if column else None
+        rejects = pa.table(
+            {
+                "row_index": pa.array([0], pa.int64()),
+                "column": pa.array([column], pa.string()),
+                "value": pa.array([None if value is None else str(value)], pa.string()),
+                "reason": pa.array([str(error)], pa.string()),
+                "error_class": pa.array([type(error).__name__], pa.string()),
+                "step": pa.array(["write"], pa.string()),
+            }
+        )
+        self.rejected += self.ctx.reject(batch, rejects)
+
+    def _insert_sql(self, schema: str, table: str, names: list[str], casts: dict[str, str], upsert: bool) -> str:
+        columns = ", ".join(sql.quote_ident(n) for n in names)
+        selected = ", ".join(
+            f"{sql.quote_ident(n)}::{casts[n]}" if n in casts else sql.quote_ident(n) for n in names
+        )
+        target = f"INSERT INTO {sql.qualified(schema, table)} ({columns}) "
+        if not upsert:
+            return target + f"SELECT {selected} FROM pg_temp.ferry_stage ORDER BY __ferry_seq"
+        key = ", ".join(sql.quote_ident(k) for k in self.ctx.key)
+        updates = [f"{sql.quote_ident(n)} = EXCLUDED.{sql.quote_ident(n)}" for n in names if n not in self.ctx.key]
+        action = "DO UPDATE SET " + ", ".join(updates) if updates else "DO NOTHING"
+        # DISTINCT ON keeps the first row per key in ORDER BY order: the last one received.
+        return (
+            target
+            + f"SELECT DISTINCT ON ({key}) {selected} FROM pg_temp.ferry_stage "
+            f"ORDER BY {key}, __ferry_seq DESC ON CONFLICT ({key}) {action}"
+        )
+
+
+#: Column types the driver writes directly from Arrow strings.
+_TEXT_LIKE = ("text", "character varying", "character", "json", "jsonb", "citext", "name", "xml")
+
+
+def needs_server_cast(arrow_type: pa.DataType, pg_type: str) -> bool:
+    """Whether a column is staged as text and cast by the server (strings into uuid, numeric, enums...)."""
+    if isinstance(arrow_type, pa.BaseExtensionType):
+        arrow_type = arrow_type.storage_type
+    base = pg_type.split("(")[0].strip()
+    if pg_type.endswith("[]"):
+        return False
+    return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)) and base not in _TEXT_LIKE
