@@ -612,3 +612,112 @@ def test_rerun_of_a_crashed_replace_with_the_same_run_id_skips_committed_partiti
     first, second, back = asyncio.run(scenario())
     assert first.skipped and not second.skipped
     assert sorted(back.column("id").to_pylist()) == list(range(20))
+
+
+def test_only_documents_refused_with_429_are_sent_again(es):
+    from tests.integration.opensearch_stub import OpenSearchStub
+
+    stub = OpenSearchStub(es)
+    try:
+        stub.handler.busy_bulk_responses = 2
+        table = pa.table({"id": pa.array(range(40), pa.int64())})
+
+        async def scenario():
+            backend = ElasticsearchBackend(hosts=[stub.url], chunk_max_docs=10, max_requests_in_flight=1, initial_backoff_seconds=0.01)
+            async with backend:
+                await _write(backend, "busy", table, key=("id",))
+                return await _read_all(backend, "busy")
+
+        back = asyncio.run(scenario())
+        sent = stub.handler.bulk_ids
+    finally:
+        stub.close()
+    assert sorted(back.column("id").to_pylist()) == list(range(40))
+    # Chunk 1 (0-9): 5 refused, sent again alone; then that retry is refused in part too.
+    assert sent[0] == [str(i) for i in range(10)]
+    assert sent[1] == ["1", "3", "5", "7", "9"]
+    assert sent[2] == ["3", "7"] and sent[3] == [str(i) for i in range(10, 20)]
+    assert sum(len(ids) for ids in sent) == 40 + 5 + 2
+
+
+def test_wrong_credentials_are_a_clear_permanent_error(es):
+    import base64
+
+    from ferry.backends.errors import PermanentBackendError
+    from tests.integration.opensearch_stub import OpenSearchStub
+
+    stub = OpenSearchStub(es)
+    stub.handler.authorization = "Basic " + base64.b64encode(b"ferry:right").decode()
+    try:
+
+        async def connect(password: str) -> str:
+            async with OpenSearchBackend(hosts=[stub.url], username="ferry", password=password) as backend:
+                return backend._conn().dialect.label
+
+        assert asyncio.run(connect("right")).startswith("OpenSearch")
+        with pytest.raises(PermanentBackendError) as caught:
+            asyncio.run(connect("wrong"))
+    finally:
+        stub.close()
+    assert "401" in str(caught.value) and "password" in str(caught.value) and "wrong" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["disabled", "flattened", "nested"])
+def test_object_field_modes_keep_the_struct_column(es, mode):
+    table = every_type_table()
+
+    async def scenario():
+        async with ElasticsearchBackend(hosts=[es], object_fields={"nested": mode}) as backend:
+            await _write(backend, f"objects-{mode}", table, key=("id",))
+            return await _read_all(backend, f"objects-{mode}")
+
+    back = asyncio.run(scenario())
+    expected = {"disabled": {"type": "object", "enabled": False}, "flattened": {"type": "flat_object"}}
+    mapping = next(iter(_http(f"{es}/objects-{mode}/_mapping").values()))["mappings"]["properties"]["nested"]
+    if mode in expected:
+        assert mapping == expected[mode]
+    else:
+        assert mapping["type"] == "nested"
+    assert _sorted_rows(back) == _sorted_rows(table)
+
+
+def test_raw_query_dsl_narrows_every_read(es):
+    table = _filter_table()
+
+    async def scenario():
+        async with ElasticsearchBackend(hosts=[es]) as backend:
+            await _write(backend, "raw", table, key=("id",))
+        async with ElasticsearchBackend(hosts=[es], query={"terms": {"name": ["alpha", "beta"]}}) as backend:
+            where = parse_filter({"n": {"gt": 0}})
+            ids = []
+            for part in await backend.partitions("raw", hint=2, where=where):
+                async for batch in backend.read(part, columns=["id"], where=where):
+                    ids.extend(batch.column("id").to_pylist())
+            return sorted(ids)
+
+    assert asyncio.run(scenario()) == [0]
+
+
+def test_elasticsearch_dialect_uses_the_pit_endpoints(es):
+    """Against a server answering like Elasticsearch, reads open and close ``/_pit``."""
+    from tests.integration.opensearch_stub import OpenSearchStub
+
+    stub = OpenSearchStub(es, flavor="elasticsearch")
+    try:
+        table = every_type_table()
+
+        async def scenario():
+            async with ElasticsearchBackend(hosts=[stub.url], dialect="elasticsearch") as backend:
+                assert backend._conn().dialect.label == "Elasticsearch 8.19.0"
+                await _write(backend, "es-types", table, key=("id",))
+                back = await _read_all(backend, "es-types")
+                assert all(p.spec["pit"] for p in await backend.partitions("es-types", hint=2))
+            return back
+
+        back = asyncio.run(scenario())
+        seen = [(method, path.split("?")[0]) for method, path, _, _ in stub.seen]
+    finally:
+        stub.close()
+    assert _sorted_rows(back) == _sorted_rows(table)
+    assert ("POST", "/es-types/_pit") in seen and ("DELETE", "/_pit") in seen
+    assert not [path for _, path in seen if "point_in_time" in path]
