@@ -104,6 +104,11 @@ S3_ONLY = (
 )
 
 
+#: Batches and files a Parquet scan reads ahead of the pipeline (memory bound).
+SCAN_BATCH_READAHEAD = 4
+SCAN_FRAGMENT_READAHEAD = 1
+
+
 class ObjectStoreBackend(Backend):
     """Parquet, JSON Lines and CSV datasets in a local folder or on S3 (s3fs and pyarrow)."""
 
@@ -608,7 +613,16 @@ class ObjectStoreBackend(Backend):
             fragments.append(fmt.make_fragment(path, **kwargs))
         dataset = pads.FileSystemDataset(fragments, schema=schema, format=fmt, filesystem=arrow_fs)
         prefilter = to_arrow_prefilter(where, schema) if where is not None else None
-        scanner = dataset.scanner(columns=needed, filter=prefilter, batch_size=batch_rows, use_threads=True)
+        # Bounded read-ahead keeps memory flat: Arrow's defaults (16 batches, 4 files)
+        # hold hundreds of MiB per partition in flight.
+        scanner = dataset.scanner(
+            columns=needed,
+            filter=prefilter,
+            batch_size=batch_rows,
+            use_threads=True,
+            batch_readahead=SCAN_BATCH_READAHEAD,
+            fragment_readahead=SCAN_FRAGMENT_READAHEAD,
+        )
         return iter(scanner.to_batches())
 
     def _text_batches(self, path, relative, schema, part_schema, needed, display):
