@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 import warnings
 from typing import Any, Sequence
 
@@ -154,7 +155,9 @@ def _run(args: argparse.Namespace) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
-        return await migrate(job=job, run_id=run_id)
+        # The flow gets the file path, not the loaded job: parameters are stored in
+        # plain text, and the job's ${ENV_VAR} secrets must be resolved inside the run.
+        return await migrate(job=str(Path(args.job).resolve()), overrides=list(args.overrides), run_id=run_id)
 
     try:
         summary = asyncio.run(runner())

@@ -27,13 +27,13 @@ from prefect.utilities.annotations import quote
 
 from ferry.backends.base import Backend, Partition, WriteContext, WriteMode
 from ferry.backends.checksum import Checksum
-from ferry.backends.errors import FerryError, TransientBackendError
+from ferry.backends.errors import ConfigurationError, FerryError, TransientBackendError
 from ferry.tasks.pipeline import PartitionJob, _logger, migrate_partition
 from ferry.tasks.progress import RunTracker, tracker_for
 from ferry.tasks.report import publish_artifacts, publish_stopped_artifact
 
 from .planning import Plan, plan_job
-from .spec import JobSpec, build_backend, load_job
+from .spec import JobSpec, build_backend, job_from_dict, literal_secrets, load_job
 
 #: How often the flow logs progress on long runs.
 PROGRESS_LOG_SECONDS = 15.0
@@ -129,9 +129,17 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
     """
     if isinstance(job, (str, os.PathLike)):
         job = load_job(job, overrides)
-    elif overrides:
-        from .spec import job_from_dict
-
+    else:
+        # A job given as parameters is stored in plain text by Prefect: secrets
+        # must come from a saved block or an ${ENV_VAR} reference, resolved here.
+        secrets = literal_secrets(job)
+        if secrets:
+            raise ConfigurationError(
+                "secret values cannot be flow-run parameters (Prefect stores parameters in plain text); "
+                "save them in a block and name it with `block:`, or write ${ENV_VAR}",
+                source="parameters",
+                path=secrets[0],
+            )
         job = job_from_dict(job.model_dump(mode="json"), overrides=overrides)
     run_id = run_id or new_run_id()
     tracker = tracker_for(run_id)

@@ -121,6 +121,40 @@ class JobSpec(BaseModel):
         return self.source.filter()
 
 
+_ENV_ONLY = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+def literal_secrets(job: JobSpec) -> list[str]:
+    """Field paths of inline secret settings given as values rather than ``${ENV}`` references.
+
+    Flow-run parameters are stored in plain text by Prefect, so a job given as
+    parameters may name a saved block or reference an environment variable
+    for a secret, never carry the secret itself.
+    """
+    from pydantic import SecretStr
+
+    found = []
+    for side in ("source", "target"):
+        endpoint: EndpointSpec = getattr(job, side)
+        if endpoint.backend is None:
+            continue
+        cls = backend_class(endpoint.backend, path=f"{side}.backend")
+        for name, value in endpoint.settings.items():
+            field = cls.model_fields.get(name)
+            if field is None or not _is_secret(field.annotation, SecretStr):
+                continue
+            if value is None or (isinstance(value, str) and _ENV_ONLY.match(value)):
+                continue
+            found.append(f"{side}.{name}")
+    return found
+
+
+def _is_secret(annotation: Any, secret_type: type) -> bool:
+    if annotation is secret_type:
+        return True
+    return any(_is_secret(arg, secret_type) for arg in getattr(annotation, "__args__", ()) or ())
+
+
 def load_job(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
     """Read, resolve and validate a job file (see the module docstring)."""
     path = Path(path)

@@ -191,3 +191,15 @@ def test_partition_tasks_carry_one_store_tag_each(tmp_path):
     # The stage tasks (read, transform, write) run inside a partition and carry no tag.
     names = sorted(r.name for r in asyncio.run(read()))
     assert names == sorted(f"partition {p['partition']}" for p in summary["partitions"])
+
+
+def test_a_job_given_as_parameters_may_not_carry_a_secret(tmp_path, monkeypatch):
+    from ferry.backends.errors import ConfigurationError
+
+    job = _job(tmp_path)
+    job["target"] = {"backend": "postgres", "host": "127.0.0.1", "dataset": "orders", "password": "hunter2"}
+    with pytest.raises(ConfigurationError) as info:
+        _run(job)
+    assert info.value.path == "target.password"
+    assert "hunter2" not in str(info.value)
+    assert "${ENV_VAR}" in str(info.value) and "block" in str(info.value)
