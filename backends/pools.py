@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 # How many pools may be open before the manager warns (as in the performance guide).
 POOL_COUNT_WARNING = 100

@@ -28,13 +28,12 @@ import asyncio
 import json
 import os
 import select
-import signal
 import subprocess
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from .harness import HarnessError, log
+from .harness import HarnessError, log, stop_process
 from .routes import BaselineResult, FerryResult, Route, RunContext, _generated_orders, register
 
 MEMORY_TO_ES = "memory-to-es"
@@ -65,13 +64,7 @@ async def osmem_service(ctx: RunContext) -> AsyncIterator[str]:
     finally:
         ctx.service_pids.discard(process.pid)
         ctx.state.pop(_URL_KEY, None)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process(process)
         if process.stdout is not None:
             process.stdout.close()
 

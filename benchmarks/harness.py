@@ -32,6 +32,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -613,3 +615,15 @@ async def run_benchmarks(
                 records.append(record)
                 emit(record)
     return records
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a service process started by a route: SIGTERM, then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)

@@ -28,7 +28,6 @@ import asyncio
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from .harness import HarnessError, log
+from .harness import HarnessError, log, stop_process
 from .routes import BaselineResult, FerryResult, Route, RunContext, _generated_orders, register
 
 MEMORY_TO_S3 = "memory-to-s3"
@@ -105,13 +104,7 @@ async def moto_service(ctx: RunContext) -> AsyncIterator[str]:
     finally:
         ctx.service_pids.discard(process.pid)
         ctx.state.pop(_ENDPOINT, None)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process(process)
 
 
 def _endpoint(ctx: RunContext) -> str:
