@@ -131,22 +131,40 @@ def literal_secrets(job: JobSpec) -> list[str]:
     parameters may name a saved block or reference an environment variable
     for a secret, never carry the secret itself.
     """
-    from pydantic import SecretStr
-
     found = []
     for side in ("source", "target"):
         endpoint: EndpointSpec = getattr(job, side)
         if endpoint.backend is None:
             continue
-        cls = backend_class(endpoint.backend, path=f"{side}.backend")
+        secrets = _secret_fields(backend_class(endpoint.backend, path=f"{side}.backend"))
         for name, value in endpoint.settings.items():
-            field = cls.model_fields.get(name)
-            if field is None or not _is_secret(field.annotation, SecretStr):
+            if name not in secrets or value is None:
                 continue
-            if value is None or (isinstance(value, str) and _ENV_ONLY.match(value)):
+            if isinstance(value, str) and _ENV_ONLY.match(value):
                 continue
             found.append(f"{side}.{name}")
     return found
+
+
+def _secret_fields(cls: type[Backend]) -> set[str]:
+    from pydantic import SecretStr
+
+    return {name for name, field in cls.model_fields.items() if _is_secret(field.annotation, SecretStr)}
+
+
+def _secret_paths(raw: dict[str, Any]) -> frozenset[str]:
+    """``side.field`` paths of secret settings in a raw job mapping."""
+    paths = set()
+    for side in ("source", "target"):
+        endpoint = raw.get(side)
+        if not isinstance(endpoint, dict) or not isinstance(endpoint.get("backend"), str):
+            continue
+        try:
+            cls = backend_class(endpoint["backend"])
+        except ConfigurationError:
+            continue  # reported by validation with its field path
+        paths.update(f"{side}.{name}" for name in _secret_fields(cls) if name in endpoint)
+    return frozenset(paths)
 
 
 def _is_secret(annotation: Any, secret_type: type) -> bool:
@@ -184,7 +202,7 @@ def job_from_dict(
     raw = _apply_extends(raw, source, base_dir or Path.cwd())
     for item in overrides or []:
         raw = _apply_override(raw, item, source)
-    raw = _substitute_env(raw, source, "")
+    raw = _substitute_env(raw, source, "", keep=_secret_paths(raw))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -246,7 +264,11 @@ async def build_backend(endpoint: EndpointSpec) -> Backend:
             raise ConfigurationError(f"block {endpoint.block!r} is not a Ferry backend block")
         return block
     cls = backend_class(endpoint.backend or "")
-    return cls.model_validate(endpoint.settings)
+    settings = dict(endpoint.settings)
+    for name in _secret_fields(cls) & set(settings):
+        # Secret references are resolved here, inside the run, and nowhere else.
+        settings[name] = _substitute_env(settings[name], "job", name)
+    return cls.model_validate(settings)
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
@@ -406,13 +428,23 @@ def _apply_override(raw: dict[str, Any], item: str, source: str) -> dict[str, An
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _substitute_env(value: Any, source: str, path: str) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the job."""
+def _substitute_env(value: Any, source: str, path: str, keep: frozenset[str] = frozenset()) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the job.
+
+    Paths in ``keep`` (secret settings) are left as references: they are
+    resolved only when the backend is built inside the run, so a secret never
+    sits in a job object or a flow-run parameter. Their variables must exist.
+    """
     if isinstance(value, dict):
-        return {k: _substitute_env(v, source, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {
+            k: _substitute_env(v, source, f"{path}.{k}" if path else str(k), keep) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_substitute_env(v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_substitute_env(v, source, f"{path}[{i}]", keep) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
+        return value
+    if path in keep:
+        _substitute_env(value, source, path)  # fail now, naming the field, if a variable is unset
         return value
 
     def replace(match: re.Match) -> str:

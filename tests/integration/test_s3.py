@@ -535,7 +535,12 @@ def test_migrate_memory_to_s3_and_back_is_verified(s3_server: S3Server):
     from ferry.flows.spec import job_from_dict
 
     bucket = s3_server.new_bucket()
-    target = {"backend": "s3", "dataset": "orders", **s3_server.settings(bucket, "lake")}
+    # Secrets in a job given as parameters are ${ENV} references (the fixture exports them).
+    target = {
+        "backend": "s3",
+        "dataset": "orders",
+        **s3_server.settings(bucket, "lake", key="${AWS_ACCESS_KEY_ID}", secret="${AWS_SECRET_ACCESS_KEY}"),
+    }
     to_s3 = {
         "name": "to-s3",
         "source": {"backend": "memory", "dataset": "orders", "generate": {"rows": 20_000, "seed": 3}, "partition_rows": 5000},

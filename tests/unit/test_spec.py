@@ -111,3 +111,25 @@ def test_missing_file_and_empty_file(tmp_path):
         load_job(_job(tmp_path, ""))
     with pytest.raises(ConfigurationError, match="line 3, column 1: malformed YAML"):
         load_job(_job(tmp_path, "source:\n  - [\n"))
+
+
+def test_secret_references_stay_unresolved_until_the_backend_is_built(tmp_path, monkeypatch):
+    import asyncio
+
+    from ferry.flows.spec import build_backend, literal_secrets
+
+    monkeypatch.setenv("FERRY_TEST_PW", "pw-from-env")
+    text = BASE.replace(
+        "target: {backend: local, url: ./out, dataset: orders}",
+        'target: {backend: postgres, host: 127.0.0.1, dataset: orders, password: "${FERRY_TEST_PW}"}',
+    )
+    job = load_job(_job(tmp_path, text))
+    assert job.target.settings["password"] == "${FERRY_TEST_PW}"
+    assert "pw-from-env" not in job.model_dump_json()
+    assert literal_secrets(job) == []
+    backend = asyncio.run(build_backend(job.target))
+    assert backend.password.get_secret_value() == "pw-from-env"
+    monkeypatch.delenv("FERRY_TEST_PW")
+    with pytest.raises(ConfigurationError, match="FERRY_TEST_PW is not set") as info:
+        load_job(_job(tmp_path, text))
+    assert info.value.path == "target.password"
