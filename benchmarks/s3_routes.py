@@ -86,6 +86,9 @@ async def moto_service(ctx: RunContext) -> AsyncIterator[str]:
     """Start moto_server for this route, create the bucket; its pid joins ``ctx.service_pids``."""
     # s3fs must get the region from the environment, never as region_name in client_kwargs.
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    # Jobs name the credentials as ${ENV} references: secrets are never flow-run parameters.
+    os.environ["FERRY_BENCH_S3_KEY"] = KEY
+    os.environ["FERRY_BENCH_S3_SECRET"] = SECRET
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -137,8 +140,8 @@ def _s3_endpoint_settings(ctx: RunContext, prefix: str, dataset: str) -> dict[st
         "url": f"s3://{BUCKET}/{prefix}",
         "endpoint_url": _endpoint(ctx),
         "path_style": True,
-        "key": KEY,
-        "secret": SECRET,
+        "key": "${FERRY_BENCH_S3_KEY}",
+        "secret": "${FERRY_BENCH_S3_SECRET}",
         "dataset": dataset,
     }
 
