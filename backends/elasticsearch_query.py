@@ -116,18 +116,9 @@ def _keyword(node: Comparison, field: str) -> dict[str, Any] | None:
     strings = all(isinstance(v, str) for v in (value if isinstance(value, tuple) else (value,)))
     if not strings:
         return None
-    if op == "eq":
-        return {"term": {field: value}}
-    if op == "neq":
-        return {"bool": {"must_not": [{"term": {field: value}}]}}
-    if op == "in":
-        return {"terms": {field: list(value)}}
-    if op == "not_in":
-        return {"bool": {"must_not": [{"terms": {field: list(value)}}]}}
-    if op in ("gt", "gte", "lt", "lte"):
-        return {"range": {field: {op: value}}}
-    if op == "between":
-        return {"range": {field: {"gte": value[0], "lte": value[1]}}}
+    clause = _exact_clause(op, field, value)
+    if clause is not None:
+        return clause
     if op == "like":
         return {"wildcard": {field: {"value": _like_to_wildcard(value)}}}
     if op == "regex" and _SIMPLE_REGEX.fullmatch(value) and "\\" not in value:
@@ -159,6 +150,11 @@ def _integer(node: Comparison, field: str) -> dict[str, Any] | None:
     items = value if isinstance(value, tuple) else (value,)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         return None
+    return _exact_clause(op, field, value)
+
+
+def _exact_clause(op: str, field: str, value: Any) -> dict[str, Any] | None:
+    """term / terms / range clauses for comparisons whose values the field holds exactly."""
     if op == "eq":
         return {"term": {field: value}}
     if op == "neq":

@@ -636,3 +636,17 @@ def _is_text(arrow_type: pa.DataType) -> bool:
         or getattr(pa.types, "is_string_view", lambda t: False)(arrow_type)
     )
 
+
+
+def columns_to_read(columns: list[str] | None, where: Filter | None, available: list[str] | None = None) -> list[str] | None:
+    """The columns a read must fetch: the selected ones plus those ``where`` tests.
+
+    ``None`` means all columns. Filter columns the source lacks (``available``)
+    are left out: the evaluator treats them as null.
+    """
+    if columns is None:
+        return None
+    extra = sorted(where.columns() - set(columns)) if where is not None else []
+    if available is not None:
+        extra = [c for c in extra if c in available]
+    return list(columns) + extra

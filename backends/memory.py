@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, WriteResult
 from .errors import ConfigurationError
-from .filters import Filter, filter_batch
+from .filters import Filter, columns_to_read, filter_batch
 from .generator import ORDERS_SCHEMA, generate_batches
 from .stream import thread_call
 
@@ -191,10 +191,7 @@ class MemoryBackend(Backend):
     ) -> AsyncIterator[pa.RecordBatch]:
         start, stop = partition.spec["start"], partition.spec["stop"]
         # Filters need their columns even when they are not selected.
-        needed = None
-        if columns is not None:
-            extra = [c for c in sorted(where.columns()) if c not in columns] if where is not None else []
-            needed = list(columns) + extra
+        needed = columns_to_read(columns, where)
         if self.generate is not None:
             source = generate_batches(start, stop, seed=self.generate.seed, batch_rows=batch_rows)
             async for batch in _iterate_in_thread(source):

@@ -56,7 +56,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, WriteResult
 from .errors import ConfigurationError, FerryError, PermanentBackendError
-from .filters import Filter, filter_batch
+from .filters import Filter, columns_to_read, filter_batch
 from .objectstore_formats import (
     READ_SUFFIXES,
     TEXT_FORMATS,
@@ -561,10 +561,7 @@ class ObjectStoreBackend(Backend):
         spec = partition.spec
         schema = decode_schema(spec["schema"])
         part_schema = decode_schema(spec["partition_schema"]) if spec.get("partition_schema") else pa.schema([])
-        needed = None
-        if columns is not None:
-            extra = [c for c in sorted(where.columns()) if c not in columns] if where is not None else []
-            needed = list(columns) + [c for c in extra if schema.get_field_index(c) >= 0]
+        needed = columns_to_read(columns, where, schema.names)
         if self.format == "parquet":
             # One scanner over all of the partition's files: Arrow reads the
             # next file ahead while this one decodes, instead of a cold start per file.

@@ -24,7 +24,7 @@ import pyarrow as pa
 from . import postgres_sql as sql
 from .base import Partition
 from .errors import ConfigurationError, FerryError, PermanentBackendError
-from .filters import Filter, filter_batch
+from .filters import Filter, columns_to_read, filter_batch
 from .postgres_copy import thread_stream, to_read_type, translate_error
 
 
@@ -197,8 +197,7 @@ class PostgresReadMixin:
             if missing:
                 raise ConfigurationError(f"{partition.dataset!r} has no column(s) {', '.join(missing)}", path="source.columns")
         wanted = list(columns) if columns is not None else names
-        extra = [c for c in sorted(where.columns()) if c in names and c not in wanted] if where is not None else []
-        needed = wanted + extra
+        needed = columns_to_read(wanted, where, names)
         text = self._read_sql(partition, catalog, needed, where)
         by_name = {c.name: c for c in catalog}
         schema = pa.schema([by_name[n].field for n in needed])
@@ -214,7 +213,7 @@ class PostgresReadMixin:
             out = pa.RecordBatch.from_arrays(arrays, schema=schema)
             if where is not None:
                 out = filter_batch(out, where)
-            if extra:
+            if len(needed) > len(wanted):
                 out = out.select(wanted)
             return out
 
