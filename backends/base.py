@@ -286,6 +286,14 @@ class Backend(Block, ABC):
         """The partitions holding only ``run_id``'s rows, or None when the store cannot tell."""
         return None
 
+    async def repair(self, dataset: str) -> list[str]:
+        """Undo what a crashed run left on ``dataset``; one line per thing done ([] when clean).
+
+        ``ferry repair`` calls it on a job's target. Stores whose failed runs
+        cannot leave anything behind keep this default.
+        """
+        return []
+
     async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
         """Lines ``ferry plan`` shows about how this target will write ``dataset`` (strategies, fallbacks)."""
         return []

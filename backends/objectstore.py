@@ -847,11 +847,7 @@ class ObjectStoreBackend(Backend):
                     _rm(fs, path)
         keep = {current, *history[: self.keep_versions]}
         versions_dir = self._meta(dataset, "versions")
-        try:
-            names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(versions_dir, detail=False)]
-        except FileNotFoundError:
-            return
-        for name in names:
+        for name in _child_names(fs, versions_dir):
             if name not in keep:
                 _rm(fs, posixpath.join(versions_dir, name))
                 _rm(fs, self._meta(dataset, "commits", name))
@@ -891,6 +887,40 @@ class ObjectStoreBackend(Backend):
 
         await asyncio.shield(self._run(f"cleaning up run {ctx.run_id} in {self._display(self.dataset_path(dataset))}", clean))
 
+    async def repair(self, dataset: str) -> list[str]:
+        """Remove what killed runs left: unpublished replace versions and unfinished appends.
+
+        Run it only while no run writes ``dataset``: a live run's version or
+        staging looks the same as a dead one's. Committed append partitions
+        stay (they are data); a killed replace run can no longer be resumed
+        with its run id afterwards.
+        """
+        return await self._run(f"repairing {self._display(self.dataset_path(dataset))}", self._repair, dataset)
+
+    def _repair(self, dataset: str) -> list[str]:
+        fs = self._filesystems().fs
+        done: list[str] = []
+        manifest = self.manifest(dataset)
+        keep: set[str] = set()
+        if manifest is not None:
+            keep = {manifest["version"], *manifest.get("history", [])[: self.keep_versions]}
+        data_path = self.data_path(dataset)
+        staging_root = self._meta(dataset, "staging")
+        for run_id in _child_names(fs, staging_root):
+            for partition_id in _child_names(fs, posixpath.join(staging_root, run_id)):
+                self._remove_partition_leftovers(
+                    data_path, posixpath.join(staging_root, run_id, partition_id), run_id, partition_id, False
+                )
+                done.append(f"removed unfinished append files of run {run_id}, partition {partition_id}")
+            _rm(fs, posixpath.join(staging_root, run_id))
+        versions_dir = self._meta(dataset, "versions")
+        for version in _child_names(fs, versions_dir):
+            if version not in keep:
+                _rm(fs, posixpath.join(versions_dir, version))
+                _rm(fs, self._meta(dataset, "commits", version))
+                done.append(f"removed unpublished replace version {version}")
+        return done
+
 
 def _read_small(fs, path: str) -> bytes | None:
     """A small object's bytes, or None when it does not exist."""
@@ -898,6 +928,14 @@ def _read_small(fs, path: str) -> bytes | None:
         return fs.cat_file(path)
     except FileNotFoundError:
         return None
+
+
+def _child_names(fs, folder: str) -> list[str]:
+    """Names of the entries directly under ``folder`` (sorted; [] when it does not exist)."""
+    try:
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return []
 
 
 def _rm(fs, path: str) -> bool:

@@ -1,4 +1,4 @@
-"""The ``ferry`` command: run, plan and validate job files.
+"""The ``ferry`` command: run, plan, validate and repair job files.
 
 Exit codes: 0 success, 1 run failure, 2 invalid job or settings, 130 interrupted.
 Failures print one line saying what went wrong; ``--debug`` adds the traceback.
@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     plan = add_job_command("plan", "Dry run: partitions, schemas, type mapping and target changes; writes nothing.")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_job_command("validate", "Check a job file and its settings without touching any store.")
+    add_job_command(
+        "repair",
+        "Clean up what a crashed run left on the job's target (unfinished indexes, saved load settings).",
+    )
     return parser
 
 
@@ -71,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "plan":
             return asyncio.run(_plan(args))
+        if args.command == "repair":
+            return asyncio.run(_repair(args))
         return _run(args)
     except ConfigurationError as exc:
         return _fail(f"invalid job: {exc}", debug, EXIT_CONFIG)
@@ -115,6 +121,21 @@ async def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:
         print(plan.render())
+    return EXIT_OK
+
+
+async def _repair(args: argparse.Namespace) -> int:
+    from .spec import build_backend, load_job
+
+    job = load_job(args.job, args.overrides)
+    target = await build_backend(job.target)
+    async with target:
+        done = await target.repair(job.target.dataset)
+    where = target.location(job.target.dataset)
+    if not done:
+        print(f"{where}: nothing to repair")
+    for line in done:
+        print(f"{where}: {line}")
     return EXIT_OK
 
 
