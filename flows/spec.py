@@ -6,7 +6,9 @@ write mode and the stream settings. :func:`load_job` reads a file, resolves
 ``extends:`` templates, environment references and ``--set`` overrides, and
 returns a validated :class:`JobSpec`; every problem becomes one
 :class:`~ferry.backends.errors.ConfigurationError` naming the file, the field
-path and what is expected.
+path and what is expected. Each endpoint takes defaults from the job's
+``databases:`` section (usually from its templates): see
+:func:`ferry.flows.settings.endpoint_defaults` and docs/settings.md.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ferry.backends.base import Backend, WriteMode
 from ferry.backends.errors import ConfigurationError
 from ferry.backends.filters import Filter, parse_filter
-from ferry.backends.registry import backend_class
+from ferry.backends.registry import BACKENDS, backend_class
 from ferry.backends.stream import StreamConfig
 
-from .settings import DatabasesSettings, TemplateSettings, merge_settings
+from .settings import (
+    DatabasesSettings,
+    EndpointDefaults,
+    FerrySettingWarning,
+    TemplateSettings,
+    canonical_databases,
+    endpoint_defaults,
+    merge_settings,
+)
 
 #: Keys of an endpoint that are not backend settings.
 ENDPOINT_KEYS = ("backend", "block", "dataset", "columns", "where")
@@ -43,6 +53,9 @@ class EndpointSpec(BaseModel):
     dataset: str = Field(..., description="Table, index, folder or in-memory dataset name.")
     columns: list[str] | None = Field(None, description="Columns to read (source only); all when omitted.")
     where: Any = Field(None, description="Row filter (source only), pushed down where the store can.")
+
+    #: The job's ``databases:`` section, set by the JobSpec that holds this endpoint (defaults, not settings).
+    _databases: DatabasesSettings | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _one_origin(self) -> "EndpointSpec":
@@ -64,6 +77,35 @@ class EndpointSpec(BaseModel):
     def filter(self) -> Filter | None:
         """The parsed ``where`` filter."""
         return None if self.where is None else parse_filter(self.where)
+
+    def backend_type(self) -> type[Backend] | None:
+        """The backend class this endpoint names (by backend name or block type slug); None when unknown."""
+        if self.backend is not None:
+            try:
+                return backend_class(self.backend)
+            except ConfigurationError:
+                return None
+        slug = (self.block or "").split("/", 1)[0]
+        return next((cls for cls in BACKENDS.values() if cls.get_block_type_slug() == slug), None)
+
+    def template_defaults(self, given: dict[str, Any] | None = None) -> EndpointDefaults:
+        """What the job's ``databases:`` section gives this endpoint (see ``endpoint_defaults``).
+
+        For an inline endpoint ``given`` defaults to its settings; for a saved
+        block pass the loaded block's settings (None: only the notes).
+        """
+        cls = self.backend_type()
+        if cls is None or self._databases is None:
+            return EndpointDefaults()
+        if self.block is None and given is None:
+            given = self.settings
+        if self.backend in ("local", "file") and not (given or {}).get("url"):
+            return EndpointDefaults()  # a folder without a url: the template's bucket must not turn it into S3
+        return endpoint_defaults(self._databases, cls, given, block=self.block)
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """Inline settings on top of the defaults of the job's ``databases:`` section (the endpoint wins)."""
+        return merge_settings(self.template_defaults().settings, self.settings)
 
 
 class JobSpec(BaseModel):
@@ -114,6 +156,17 @@ class JobSpec(BaseModel):
             raise ValueError("`columns` belongs to the source; use a `select` transform for the target")
         if self.mode is WriteMode.UPSERT and not self.key:
             raise ValueError("mode `upsert` needs `key: [column, ...]`")
+        return self
+
+    @model_validator(mode="after")
+    def _give_endpoints_their_defaults(self) -> "JobSpec":
+        for side in ("source", "target"):
+            # A copy: an EndpointSpec instance given to two jobs must not share one job's defaults.
+            endpoint = getattr(self, side).model_copy()
+            endpoint._databases = self.databases
+            setattr(self, side, endpoint)
+            for note in endpoint.template_defaults().notes:
+                warnings.warn(f"{side}: {note}", FerrySettingWarning, stacklevel=2)
         return self
 
     def source_filter(self) -> Filter | None:
@@ -201,7 +254,7 @@ def job_from_dict(
     raw = dict(raw)
     raw = _apply_extends(raw, source, base_dir or Path.cwd())
     for item in overrides or []:
-        raw = _apply_override(raw, item, source)
+        raw = canonical_databases(_apply_override(raw, item, source))
     raw = _substitute_env(raw, source, "", keep=_secret_paths(raw))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -241,7 +294,7 @@ def _check_endpoint(endpoint: EndpointSpec, side: str, source: str) -> None:
                 path=f"{side}.{unknown[0]}",
             )
         try:
-            cls.model_validate(endpoint.settings)
+            cls.model_validate(endpoint.resolved_settings())
         except ValidationError as exc:
             raise ConfigurationError(format_validation_error(exc, cls, prefix=side), source=source) from None
     if endpoint.where is not None:
@@ -262,13 +315,34 @@ async def build_backend(endpoint: EndpointSpec) -> Backend:
             raise ConfigurationError(f"cannot load saved block {endpoint.block!r}: {exc}") from None
         if not isinstance(block, Backend):
             raise ConfigurationError(f"block {endpoint.block!r} is not a Ferry backend block")
-        return block
+        return _tuned_block(block, endpoint)
     cls = backend_class(endpoint.backend or "")
-    settings = dict(endpoint.settings)
+    settings = endpoint.resolved_settings()
     for name in _secret_fields(cls) & set(settings):
         # Secret references are resolved here, inside the run, and nowhere else.
         settings[name] = _substitute_env(settings[name], "job", name)
     return cls.model_validate(settings)
+
+
+def _tuned_block(block: Backend, endpoint: EndpointSpec) -> Backend:
+    """A saved block with the tuning keys of the job's templates applied (its connection untouched)."""
+    data = block.model_dump()
+    defaults = endpoint.template_defaults(data)
+    for note in defaults.notes:
+        warnings.warn(f"{endpoint.block}: {note}", FerrySettingWarning, stacklevel=3)
+    if not defaults.settings:
+        return block
+    try:
+        tuned = type(block).model_validate(merge_settings(data, defaults.settings))
+    except ValidationError as exc:
+        raise ConfigurationError(
+            f"saved block {endpoint.block!r} with the job's databases.{defaults.section} settings: "
+            + format_validation_error(exc, type(block))
+        ) from None
+    for name, value in (block.__pydantic_private__ or {}).items():
+        if name != "_live":  # keep the block's identity (its name names the concurrency tag)
+            setattr(tuned, name, value)
+    return tuned
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
@@ -399,8 +473,12 @@ def _apply_extends(raw: dict[str, Any], source: str, base_dir: Path) -> dict[str
         raise ConfigurationError("expected a template name or a list of names", source=source, path="extends")
     merged: dict[str, Any] = {}
     for name in names:
-        merged = merge_settings(merged, load_template(name, base_dir, source))
-    return merge_settings(merged, raw)
+        with warnings.catch_warnings():
+            # The job's validation reports the template's warnings, naming the job.
+            warnings.simplefilter("ignore", FerrySettingWarning)
+            template = load_template(name, base_dir, source)
+        merged = merge_settings(merged, canonical_databases(template))
+    return merge_settings(merged, canonical_databases(raw))
 
 
 def _apply_override(raw: dict[str, Any], item: str, source: str) -> dict[str, Any]:
