@@ -41,10 +41,13 @@ class _PoolEntry:
 class PoolManager:
     """Hands out pooled clients keyed by configuration and event loop, and reports on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pool_count_warning: int = POOL_COUNT_WARNING) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str, int | None], _PoolEntry] = {}
         self._creating: dict[tuple[str, str, int | None], asyncio.Future] = {}
+        #: Warn (once, until the count falls back to it) when more pools than this are open.
+        self.pool_count_warning = pool_count_warning
+        self._warned_count = False
 
     @staticmethod
     def _loop_id(per_loop: bool) -> int | None:
@@ -119,13 +122,27 @@ class PoolManager:
             pending.set_result(None)
         if duplicate is not None and closer is not None:
             await _maybe_await(closer(duplicate))
-        if count > POOL_COUNT_WARNING:
-            import logging
-
-            logging.getLogger("ferry.pools").warning(
-                "High pool count: %d pools are open; reuse backends across partitions or lower parallelism", count
-            )
+        self._check_count(count)
         return resource
+
+    def _check_count(self, count: int) -> None:
+        """Warn once when the pool count passes ``pool_count_warning``; re-arm when it is back under it."""
+        with self._lock:
+            if count <= self.pool_count_warning:
+                self._warned_count = False
+                return
+            if self._warned_count:
+                return
+            self._warned_count = True
+        import logging
+
+        logging.getLogger("ferry.pools").warning(
+            "High pool count: %d pools are open (more than %d); each configuration and event loop opens its own "
+            "pool: reuse backends across partitions, lower parallelism, or raise "
+            "pool_manager.pool_count_warning if this many is expected",
+            count,
+            self.pool_count_warning,
+        )
 
     async def release(self, kind: str, config_hash: str, *, per_loop: bool = True) -> None:
         """Drop a reference; the last user closes the pool (shielded from cancellation)."""
@@ -138,11 +155,20 @@ class PoolManager:
             if entry.refs > 0:
                 return
             del self._entries[key]
+            count = len(self._entries)
+        self._check_count(count)
         if entry.closer is not None:
             await asyncio.shield(_maybe_await(entry.closer(entry.resource)))
 
     def get_pool_info(self) -> dict[str, dict[str, Any]]:
-        """Per pool: event loop, configuration hash, kind, users, limits, age and live stats."""
+        """Per pool: event loop, configuration hash, kind, users, limits, age, live stats and utilisation.
+
+        The live stats come from the driver: ``size`` (connections open),
+        ``idle``, ``in_use`` and, where the driver reports it, ``waiters``
+        (callers waiting for a connection; asyncpg does not report them).
+        With ``in_use`` and a ``max_size`` limit the row also has
+        ``max_size`` and ``utilisation`` (``in_use / max_size``, 0..1).
+        """
         now = time.time()
         with self._lock:
             entries = list(self._entries.values())
@@ -161,6 +187,7 @@ class PoolManager:
                     row.update(entry.stats(entry.resource))
                 except Exception as exc:  # stats are best effort; never break a run for them
                     row["stats_error"] = str(exc)
+            _add_utilisation(row)
             info[entry.name] = row
         return info
 
@@ -184,6 +211,15 @@ class PoolManager:
                     result.close()  # cannot await at exit; async closers are per-loop pools
             except Exception:
                 pass
+
+
+def _add_utilisation(row: dict[str, Any]) -> None:
+    """``max_size`` and ``utilisation`` (in use / max size) when the driver's stats and the limits allow."""
+    in_use, max_size = row.get("in_use"), row.get("limits", {}).get("max_size")
+    if isinstance(max_size, int) and max_size > 0:
+        row["max_size"] = max_size
+        if isinstance(in_use, int):
+            row["utilisation"] = round(in_use / max_size, 3)
 
 
 async def _maybe_await(value: Any) -> Any:

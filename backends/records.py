@@ -60,6 +60,7 @@ __all__ = [
 _STORES: dict[str, type["AsyncDatabase"] | str] = {
     "memory": "ferry.backends.records_memory:MemoryRecordStore",
     "postgres": "ferry.backends.records_postgres:PostgresRecordStore",
+    "elasticsearch": "ferry.backends.records_elasticsearch:ElasticsearchRecordStore", "opensearch": "ferry.backends.records_elasticsearch:OpenSearchRecordStore",
 }
 
 
@@ -122,25 +123,43 @@ class AsyncDatabase(ABC):
     # -- construction ---------------------------------------------------------------
 
     @staticmethod
-    async def open_backend(backend: str, config: Any = None) -> "AsyncDatabase":
+    async def open_backend(
+        backend: str, config: Any = None, *, cache: Any = None, monitor: Any = None
+    ) -> "AsyncDatabase":
         """Open a store of ``backend`` from ``config``.
 
         ``config`` is a dict of the store's settings, a saved Ferry block of the
         same backend (loaded with ``Block.load("name")``: an application
         shares its connection settings with its migrations), or a settings
         model from a template's ``databases.<name>`` section.
+
+        Caches are off unless a dict config has a ``cache`` key or ``cache=``
+        is given (``{"records": {"ttl_seconds": 60, "max_entries": 10000},
+        "queries": {"max_entries": 256}}``, see :mod:`ferry.backends.records_cache`);
+        ``monitor=`` (a :class:`~ferry.backends.monitor.PerformanceMonitor`)
+        times every database call (see :meth:`instrument`).
         """
+        from .records_cache import split_cache_settings
+
         store_class = record_store_class(backend)
-        return await store_class.open(config if config is not None else {})
+        config, cache_settings = split_cache_settings(config if config is not None else {}, cache)
+        store = await store_class.open(config)
+        if cache_settings is not None and cache_settings.enabled:
+            store.enable_cache(cache_settings)
+        if monitor is not None:
+            store.instrument(monitor)
+        return store
 
     @staticmethod
-    async def from_config(path: str | Path, name: str, *, backend: str | None = None) -> "AsyncDatabase":
+    async def from_config(
+        path: str | Path, name: str, *, backend: str | None = None, cache: Any = None, monitor: Any = None
+    ) -> "AsyncDatabase":
         """Open the store described by the ``databases.<name>`` section of a settings file.
 
         The file has the shape of ``configs/high-performance.yaml`` and is
         validated by :class:`ferry.flows.settings.TemplateSettings` (bundled
         names such as ``high-performance`` work too). ``backend`` defaults to
-        ``name``.
+        ``name``; ``cache`` and ``monitor`` as for :meth:`open_backend`.
         """
         from ferry.flows.settings import TemplateSettings
         from ferry.flows.spec import load_template, template_path
@@ -161,7 +180,7 @@ class AsyncDatabase(ABC):
                 source=str(path),
                 path=f"databases.{name}",
             )
-        return await AsyncDatabase.open_backend(backend or name, section)
+        return await AsyncDatabase.open_backend(backend or name, section, cache=cache, monitor=monitor)
 
     @classmethod
     @abstractmethod
@@ -170,6 +189,62 @@ class AsyncDatabase(ABC):
 
     async def __aenter__(self) -> "AsyncDatabase":
         return self
+
+    # -- caches and monitoring (the layers live in ferry.backends.records_cache) -----------------
+
+    #: The record and query caches (None: off) and the monitor timing database calls (None: off).
+    _cache: Any = None
+    _monitor: Any = None
+    _monitor_prefix: str = ""
+
+    def enable_cache(self, settings: Any = None) -> Any:
+        """Turn on the caches: a ``CacheSettings`` or a dict such as ``{"records": {...}, "queries": {...}}``.
+
+        With no argument both caches get their defaults. Replaces any cache
+        this store had (its entries and counters start empty). Returns the
+        :class:`~ferry.backends.records_cache.DatabaseCache`.
+        """
+        from .records_cache import CacheSettings, DatabaseCache
+
+        parsed = CacheSettings.parse(settings)
+        self._cache = DatabaseCache(parsed) if parsed.enabled else None
+        self._layer_operations()
+        return self._cache
+
+    def disable_cache(self) -> None:
+        """Turn the caches off (calls go to the store again)."""
+        self._cache = None
+        self._layer_operations()
+
+    @property
+    def cache(self) -> Any:
+        """This store's :class:`~ferry.backends.records_cache.DatabaseCache`, or None."""
+        return self._cache
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Hits, misses, entries, evictions, expirations and invalidations per cache that is on ({} when off)."""
+        return self._cache.stats() if self._cache is not None else {}
+
+    def instrument(self, monitor: Any, *, prefix: str | None = None) -> "AsyncDatabase":
+        """Time every database call on ``monitor`` as ``<prefix>.<operation>`` (prefix: the backend name).
+
+        ``instrument(None)`` stops. Cache hits do not reach the store and are
+        not timed. Returns the store.
+        """
+        self._monitor = monitor
+        self._monitor_prefix = self.backend if prefix is None else prefix
+        self._layer_operations()
+        return self
+
+    @property
+    def monitor(self) -> Any:
+        """The :class:`~ferry.backends.monitor.PerformanceMonitor` timing this store, or None."""
+        return self._monitor
+
+    def _layer_operations(self) -> None:
+        from .records_cache import install_layers
+
+        install_layers(self, self._cache, self._monitor, self._monitor_prefix)
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()

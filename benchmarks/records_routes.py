@@ -121,6 +121,59 @@ def _postgres_service(ctx: RunContext) -> AsyncContextManager[Any]:
     return postgres_service(ctx)
 
 
+ELASTICSEARCH_INDEX = "records-bench"
+
+
+@contextlib.asynccontextmanager
+async def _elasticsearch_store(ctx: RunContext) -> AsyncIterator[Any]:
+    from ferry.backends.records import AsyncDatabase
+
+    from .es_routes import _url
+
+    settings = {"hosts": [_url(ctx)], "index": ELASTICSEARCH_INDEX, "number_of_replicas": 0}
+    db = await AsyncDatabase.create("elasticsearch", settings)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def _elasticsearch_bulk_baseline(ctx: RunContext, records: list[Any]) -> float:
+    """Bare elasticsearch-py: the same records as plain documents, ``async_bulk`` into a fresh index.
+
+    The clock covers turning each record into an action (its id and fields)
+    and the bulk requests; the index has the server's dynamic mapping. The
+    client only gets the node class that sends plain JSON (osmem-server
+    refuses the vendor media type otherwise).
+    """
+    from elasticsearch import AsyncElasticsearch
+    from elasticsearch.helpers import async_bulk
+
+    from ferry.backends.elasticsearch_client import PlainJsonNode
+
+    from .es_routes import _url
+
+    index = f"{ELASTICSEARCH_INDEX}-baseline"
+    client = AsyncElasticsearch(_url(ctx), node_class=PlainJsonNode)
+    try:
+        await client.options(ignore_status=404).indices.delete(index=index)
+        await client.indices.create(index=index, settings={"number_of_replicas": 0})
+        started = time.perf_counter()
+        actions = [{"_index": index, "_id": record.storage_id(), "_source": record.fields} for record in records]
+        await async_bulk(client, actions, chunk_size=len(actions), max_chunk_bytes=10 * 2**20, refresh=False)
+        elapsed = time.perf_counter() - started
+        await client.indices.delete(index=index)
+        return elapsed
+    finally:
+        await client.close()
+
+
+def _elasticsearch_service(ctx: RunContext) -> AsyncContextManager[Any]:
+    from .es_routes import osmem_service
+
+    return osmem_service(ctx)
+
+
 #: Backend name -> how to benchmark it, in output order.
 RECORD_BACKENDS: dict[str, RecordBench] = {
     "memory": RecordBench(
@@ -132,6 +185,12 @@ RECORD_BACKENDS: dict[str, RecordBench] = {
         baseline=_asyncpg_copy_baseline,
         baseline_name="asyncpg copy_records_to_table",
         services=_postgres_service,
+    ),
+    "elasticsearch": RecordBench(
+        open=_elasticsearch_store,
+        baseline=_elasticsearch_bulk_baseline,
+        baseline_name="elasticsearch-py async_bulk (plain documents)",
+        services=_elasticsearch_service,
     ),
 }
 
