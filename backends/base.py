@@ -99,6 +99,42 @@ class WriteContext:
     reject: Callable[[pa.RecordBatch, pa.Table], int] | None = None
 
 
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What a source does with an input object (a file) it cannot read.
+
+    The flow sets it from the job's ``on_error`` (:meth:`Backend.set_read_policy`).
+    ``"fail"`` raises naming the object. ``"collect"`` leaves the object out,
+    records an :class:`UnreadableInput` (:meth:`Backend.unreadable_inputs`) and
+    reads the others. Errors a retry may fix (TransientBackendError) raise
+    either way. Stores that do not read separate objects ignore it.
+    """
+
+    on_error: str = "fail"
+
+    @property
+    def collect(self) -> bool:
+        return self.on_error == "collect"
+
+
+@dataclass(frozen=True)
+class UnreadableInput:
+    """An input object a read left out under ``on_error: collect``, and why."""
+
+    #: The object as messages name it (``s3://bucket/key`` or a local path).
+    object: str
+    reason: str
+    error_class: str
+    #: "plan" (its footer, sample or schema) or "read" (while its rows were read).
+    step: str
+    partition: str | None = None
+    #: Rows of it passed on, and so loaded, before the failure (0 when none).
+    rows_read: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class WriteResult:
     """What one partition's write did."""
@@ -135,6 +171,8 @@ class Backend(Block, ABC):
 
     #: Live clients of this instance (pools, filesystems); never saved or pickled.
     _live: dict[str, Any] = PrivateAttr(default_factory=dict)
+    #: What a read does with objects it cannot read; ``fresh()`` copies keep it.
+    _read_policy: ReadPolicy = PrivateAttr(default_factory=ReadPolicy)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -179,6 +217,23 @@ class Backend(Block, ABC):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     # -- reading ---------------------------------------------------------------
+    @property
+    def read_policy(self) -> ReadPolicy:
+        return self._read_policy
+
+    def set_read_policy(self, policy: ReadPolicy) -> Self:
+        """Tell this source what to do with input it cannot read (the job's ``on_error``); returns self."""
+        self._read_policy = policy
+        return self
+
+    def note_unreadable(self, entry: UnreadableInput) -> None:
+        """Record an object left out under the collect policy (once per object, step and partition)."""
+        self._live.setdefault("unreadable", {})[(entry.object, entry.step, entry.partition)] = entry
+
+    def unreadable_inputs(self) -> list[UnreadableInput]:
+        """Objects this instance has left out so far (planning and reads), in the order met."""
+        return list(self._live.get("unreadable", {}).values())
+
     @abstractmethod
     async def schema(self, dataset: str, columns: list[str] | None = None) -> pa.Schema:
         """The Arrow schema a read of ``dataset`` yields (one stable schema per read)."""

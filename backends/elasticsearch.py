@@ -32,6 +32,7 @@ from .elasticsearch_mapping import META_KEY, array_paths, decode_schema, decode_
 from .elasticsearch_query import to_query
 from .errors import ConfigurationError, FerryError
 from .filters import Filter, filter_batch
+from .logos import docs_url, logo_url
 from .pools import pool_manager
 
 logger = logging.getLogger("ferry.elasticsearch")
@@ -52,6 +53,25 @@ class ElasticsearchBackend(Backend):
     _block_type_name = "Ferry Elasticsearch"
     _block_type_slug = "ferry-elasticsearch"
     _description = "Elasticsearch or OpenSearch indexes: parallel bulk loads, sliced point-in-time reads, alias swaps."
+    _logo_url = logo_url("elasticsearch.png")
+    _documentation_url = docs_url("elasticsearch.md")
+    _code_example = """
+    Name the saved block in a job file:
+
+    ```yaml
+    target:
+      block: ferry-elasticsearch/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from ferry.backends.elasticsearch import ElasticsearchBackend
+
+    elasticsearch = ElasticsearchBackend.load("BLOCK_NAME")
+    ```
+    """
 
     kind: ClassVar[str] = "elasticsearch"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True, pushdown_filters=True)
@@ -467,6 +487,25 @@ class OpenSearchBackend(ElasticsearchBackend):
     _block_type_name = "Ferry OpenSearch"
     _block_type_slug = "ferry-opensearch"
     _description = "OpenSearch indexes: parallel bulk loads, sliced point-in-time reads, alias swaps."
+    _logo_url = logo_url("opensearch.png")
+    _documentation_url = docs_url("elasticsearch.md")
+    _code_example = """
+    Name the saved block in a job file:
+
+    ```yaml
+    target:
+      block: ferry-opensearch/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from ferry.backends.elasticsearch import OpenSearchBackend
+
+    opensearch = OpenSearchBackend.load("BLOCK_NAME")
+    ```
+    """
 
     kind: ClassVar[str] = "opensearch"
 

@@ -25,6 +25,7 @@ from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, Wri
 from .errors import ConfigurationError
 from .filters import Filter, columns_to_read, filter_batch
 from .generator import ORDERS_SCHEMA, generate_batches
+from .logos import docs_url, logo_url
 from .stream import thread_call
 
 
@@ -114,6 +115,25 @@ class MemoryBackend(Backend):
     _block_type_name = "Ferry Memory"
     _block_type_slug = "ferry-memory"
     _description = "Named in-process datasets, Ferry's deterministic data generator and a counting sink."
+    _logo_url = logo_url("memory.png")
+    _documentation_url = docs_url("jobs.md")
+    _code_example = """
+    Name the saved block in a job file:
+
+    ```yaml
+    source:
+      block: ferry-memory/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from ferry.backends.memory import MemoryBackend
+
+    memory_block = MemoryBackend.load("BLOCK_NAME")
+    ```
+    """
 
     kind: ClassVar[str] = "memory"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True)

@@ -47,15 +47,15 @@ import json
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterable, AsyncIterator, Callable, ClassVar, Literal
+from typing import Any, AsyncIterable, AsyncIterator, Callable, ClassVar, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import Field, SecretStr, model_validator
 
-from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, WriteResult
-from .errors import ConfigurationError, FerryError, PermanentBackendError
+from .base import Backend, Capabilities, Partition, UnreadableInput, WriteContext, WriteMode, WriteResult
+from .errors import ConfigurationError, FerryError, PermanentBackendError, TransientBackendError
 from .filters import Filter, columns_to_read, filter_batch
 from .objectstore_formats import (
     READ_SUFFIXES,
@@ -63,6 +63,7 @@ from .objectstore_formats import (
     TextReadOptions,
     check_text_schema,
     file_suffix,
+    infer_file_schema,
     infer_text_schema,
     make_writer,
     read_text_batches,
@@ -87,6 +88,7 @@ from .objectstore_plan import (
     unify_file_schemas,
 )
 from .objectstore_writers import DatasetWriter, check_partition_columns, parse_hive_values
+from .logos import docs_url, logo_url
 from .stream import thread_call
 
 META_DIR = "_ferry"
@@ -109,6 +111,21 @@ SCAN_BATCH_READAHEAD = 4
 SCAN_FRAGMENT_READAHEAD = 1
 
 
+class _Planned(NamedTuple):
+    """What planning a read found: the readable files and the one schema they are read with."""
+
+    root: str
+    #: (path, size) of the files to read, in listing order (left-out files removed).
+    files: list[tuple[str, int]]
+    #: The unified schema, partition columns included.
+    schema: pa.Schema
+    partition_schema: pa.Schema
+    #: Parquet footers of ``files`` (None for text files).
+    footers: list[Any]
+    #: Position of each of ``files`` in the full listing (partition ids stay stable when files are left out).
+    indexes: list[int]
+
+
 class ObjectStoreBackend(Backend):
     """Parquet, JSON Lines and CSV datasets in a local folder or on S3 (s3fs and pyarrow)."""
 
@@ -117,6 +134,25 @@ class ObjectStoreBackend(Backend):
     _description = (
         "Parquet, JSON Lines and CSV datasets in a folder or on S3, written idempotently and published atomically."
     )
+    _logo_url = logo_url("object-store.png")
+    _documentation_url = docs_url("object-stores.md")
+    _code_example = """
+    Name the saved block in a job file:
+
+    ```yaml
+    target:
+      block: ferry-object-store/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from ferry.backends.objectstore import ObjectStoreBackend
+
+    objectstore_block = ObjectStoreBackend.load("BLOCK_NAME")
+    ```
+    """
 
     kind: ClassVar[str] = "objectstore"
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -430,8 +466,13 @@ class ObjectStoreBackend(Backend):
         infos = await self._run(f"listing {self._display(self.dataset_path(dataset))}", self.data_file_infos, dataset)
         return bool(infos[1])
 
-    async def _plan(self, dataset: str) -> tuple[str, list[tuple[str, int]], pa.Schema, pa.Schema, list[Any]]:
-        """Data folder, files, unified schema (partition columns included), partition schema, footers."""
+    async def _plan(self, dataset: str) -> _Planned:
+        """List the dataset, read footers (or infer the text schema) and unify the file schemas.
+
+        A file whose footer or sample cannot be read, or whose schema cannot be
+        unified with the others, fails the plan naming it; under the collect
+        read policy it is left out instead and recorded (``unreadable_inputs``).
+        """
         root, files = await self._run(
             f"listing {self._display(self.dataset_path(dataset))}", self.data_file_infos, dataset
         )
@@ -441,22 +482,60 @@ class ObjectStoreBackend(Backend):
                 "check `url`, `dataset` and `format`"
             )
         paths = [p for p, _ in files]
-        part_schema = await self._run(f"reading {self._display(root)}", self.partition_schema, dataset, root, paths)
+        collect = self.read_policy.collect
+        footers: list[Any] = [None] * len(paths)
+        # The files whose schema was looked at: position -> its schema, or the error met.
+        found: dict[int, pa.Schema | FerryError] = {}
+        text_schema = self.declared_schema()
         if self.format == "parquet":
-            footers = await asyncio.to_thread(self._read_footers, paths)
-            schema = unify_file_schemas([(self._display(p), m.schema.to_arrow_schema()) for p, m in zip(paths, footers)])
+            footers = await asyncio.to_thread(self._read_footers, paths, keep_going=collect)
+            found = {i: m if isinstance(m, FerryError) else m.schema.to_arrow_schema() for i, m in enumerate(footers)}
+        elif text_schema is None and collect:
+            found = await asyncio.to_thread(self._sample_text_schemas, paths)
+        elif text_schema is None:
+            text_schema = await asyncio.to_thread(self._infer_text_schema, paths)
+        left_out: dict[int, FerryError] = {}
+        if not collect:
+            schema = text_schema
+            if self.format == "parquet":
+                schema = unify_file_schemas([(self._display(paths[i]), found[i]) for i in sorted(found)])
         else:
-            footers = [None] * len(paths)
-            schema = self.declared_schema() or await asyncio.to_thread(self._infer_text_schema, paths)
+            left_out = {i: f for i, f in found.items() if isinstance(f, FerryError)}
+            readable = sorted(i for i in found if i not in left_out)
+            schema = text_schema
+            if readable:
+                promote = "default" if self.format == "parquet" else "permissive"
+                schema, conflicts = _unify_leaving_out([(self._display(paths[i]), found[i]) for i in readable], promote)
+                left_out.update({readable[n]: PermanentBackendError(reason) for n, reason in conflicts.items()})
+            for i in sorted(left_out):
+                self._left_out_at_plan(paths[i], left_out[i])
+            if schema is None or len(left_out) == len(paths):
+                raise PermanentBackendError(
+                    f"none of the {len(paths)} {FORMAT_NAMES[self.format]} files of dataset {dataset!r} under "
+                    f"{self._display(root)} can be read; the first: {left_out[min(left_out)]}"
+                )
+        keep = [i for i in range(len(paths)) if i not in left_out]
+        kept_paths = [paths[i] for i in keep]
+        part_schema = await self._run(f"reading {self._display(root)}", self.partition_schema, dataset, root, kept_paths)
         for f in part_schema:
             if schema.get_field_index(f.name) < 0:
                 schema = schema.append(f)
-        return root, files, schema, part_schema, footers
+        return _Planned(root, [files[i] for i in keep], schema, part_schema, [footers[i] for i in keep], keep)
 
-    def _read_footers(self, paths: list[str]) -> list[pq.FileMetaData]:
+    def _left_out_at_plan(self, path: str, error: FerryError) -> None:
+        """Record ``path`` as left out of the read at planning (collect policy), with the error it met."""
+        self.note_unreadable(
+            UnreadableInput(object=self._display(path), reason=str(error), error_class=type(error).__name__, step="plan")
+        )
+
+    def _read_footers(self, paths: list[str], *, keep_going: bool = False) -> list[Any]:
+        """The Parquet footer of each file; with ``keep_going`` an unreadable one is its error instead.
+
+        Errors a retry may fix always raise.
+        """
         arrow_fs = self._filesystems().arrow_fs
 
-        def one(path: str) -> pq.FileMetaData:
+        def one(path: str) -> pq.FileMetaData | FerryError:
             try:
                 with arrow_fs.open_input_file(path) as handle:
                     return pq.read_metadata(handle)
@@ -468,18 +547,52 @@ class ObjectStoreBackend(Backend):
                     failure = PermanentBackendError(
                         f"cannot read Parquet file {self._display(path)} (corrupt or truncated?): {exc}"
                     )
-                raise failure from exc
+                if isinstance(failure, TransientBackendError):
+                    raise failure from exc
+                failure.__cause__ = exc
+                return failure
 
         # Planning asks for the schema several times (plan, columns, partitions):
-        # footers are cached per object version while the block is open.
-        cache: dict[tuple, pq.FileMetaData] = self._live.setdefault("footer_cache", {})
+        # footers (and unreadable ones) are cached per object version while the block is open.
+        cache: dict[tuple, pq.FileMetaData | FerryError] = self._live.setdefault("footer_cache", {})
         tags = self._live.get("file_tags", {})
         keys = [(path, tags.get(path)) for path in paths]
         missing = [key for key in keys if key[1] is None or key not in cache]
         with ThreadPoolExecutor(PLANNING_THREADS) as pool:
             for key, meta in zip(missing, pool.map(one, [path for path, _ in missing])):
                 cache[key] = meta
-        return [cache[key] for key in keys]
+        found = [cache[key] for key in keys]
+        if not keep_going:
+            for meta in found:
+                if isinstance(meta, FerryError):
+                    raise meta
+        return found
+
+    def _sample_text_schemas(self, paths: list[str]) -> dict[int, pa.Schema | FerryError]:
+        """Infer each text file's schema, in order, until ``infer_sample_files`` of them could be read.
+
+        A file that cannot be read maps to its error (and the next file is sampled instead).
+        """
+        arrow_fs = self._filesystems().arrow_fs
+        found: dict[int, pa.Schema | FerryError] = {}
+        good = 0
+        for index, path in enumerate(paths):
+            if good >= self.infer_sample_files:
+                break
+            display = self._display(path)
+            try:
+                found[index] = infer_file_schema(
+                    arrow_fs, path, self._text_options(), sample_bytes=self.infer_sample_bytes, display=display
+                )
+                good += 1
+            except FerryError as exc:
+                found[index] = exc
+            except (pa.ArrowInvalid, OSError) as exc:
+                failure = translate_error(exc, f"reading {display}", self.location_info(), self.endpoint_url)
+                if isinstance(failure, TransientBackendError):
+                    raise failure from exc
+                found[index] = failure
+        return found
 
     def _text_options(self) -> TextReadOptions:
         return TextReadOptions(fmt=self.format, delimiter=self.csv_delimiter)
@@ -495,7 +608,7 @@ class ObjectStoreBackend(Backend):
         )
 
     async def schema(self, dataset: str, columns: list[str] | None = None) -> pa.Schema:
-        _, _, schema, _, _ = await self._plan(dataset)
+        schema = (await self._plan(dataset)).schema
         if columns is None:
             return schema
         missing = [c for c in columns if schema.get_field_index(c) < 0]
@@ -514,11 +627,11 @@ class ObjectStoreBackend(Backend):
         groups of about that size (never fewer groups than ``hint`` allows),
         because every partition costs a few Prefect task runs.
         """
-        root, files, schema, part_schema, footers = await self._plan(dataset)
+        root, files, schema, part_schema, footers, indexes = await self._plan(dataset)
         common = {"schema": encode_schema(schema), "partition_schema": encode_schema(part_schema), "root": root}
         parts: list[Partition] = []
         small: list[tuple[str, int, int | None]] = []
-        for index, ((path, size), meta) in enumerate(zip(files, footers)):
+        for index, (path, size), meta in zip(indexes, files, footers):
             relative = posixpath.relpath(path, root)
             rows = meta.num_rows if meta is not None else None
             if size < self.partition_min_bytes and size <= self.partition_max_bytes:
@@ -558,44 +671,120 @@ class ObjectStoreBackend(Backend):
         where: Filter | None = None,
         batch_rows: int = 65536,
     ) -> AsyncIterator[pa.RecordBatch]:
+        """Stream the partition's files.
+
+        A file that cannot be read fails the read naming it. Under the collect
+        read policy it is left out instead -- recorded with the rows of it
+        already passed on, which stay passed on -- and the other files are read.
+        """
         spec = partition.spec
         schema = decode_schema(spec["schema"])
         part_schema = decode_schema(spec["partition_schema"]) if spec.get("partition_schema") else pa.schema([])
         needed = columns_to_read(columns, where, schema.names)
-        if self.format == "parquet":
-            # One scanner over all of the partition's files: Arrow reads the
-            # next file ahead while this one decodes, instead of a cold start per file.
-            sources = [(spec["files"], spec["relatives"])]
-        else:
-            sources = [([path], [relative]) for path, relative in zip(spec["files"], spec["relatives"])]
-        for paths, relatives in sources:
-            display = self._display(paths[0]) if len(paths) == 1 else f"{self._display(paths[0])} (+{len(paths) - 1} more)"
+        pending = list(zip(spec["files"], spec["relatives"]))
+        passed: dict[str, int] = {}  # rows of each file passed on so far
+        skip = 0  # rows of pending[0] an earlier scan already passed on
+        sentinel = object()
+        while pending:
             if self.format == "parquet":
+                # One scanner over all of the partition's files: Arrow reads the
+                # next file ahead while this one decodes, instead of a cold start per file.
+                group = pending
                 iterator = self._parquet_batches(
-                    paths, relatives, spec.get("row_groups"), schema, part_schema, needed, where, batch_rows
+                    [p for p, _ in group], [r for _, r in group], spec.get("row_groups"),
+                    schema, part_schema, needed, where, batch_rows,
                 )
             else:
-                iterator = self._text_batches(paths[0], relatives[0], schema, part_schema, needed, display)
-            sentinel = object()
+                group = pending[:1]
+                iterator = self._text_batches(
+                    group[0][0], group[0][1], schema, part_schema, needed, self._display(group[0][0])
+                )
+            current, error = 0, None
             while True:
                 try:
-                    batch = await thread_call(next, iterator, sentinel)
-                except FerryError:
-                    raise
-                except (pa.ArrowInvalid, OSError) as exc:
-                    failure = translate_error(exc, f"reading {display}", self.location_info(), self.endpoint_url)
-                    if isinstance(exc, pa.ArrowInvalid):
-                        failure = PermanentBackendError(f"cannot read {display} (corrupt or truncated?): {exc}")
-                    raise failure from exc
-                if batch is sentinel:
+                    item = await thread_call(next, iterator, sentinel)
+                except (FerryError, pa.ArrowInvalid, OSError) as exc:
+                    error = exc
                     break
+                if item is sentinel:
+                    break
+                current, batch = item
                 if where is not None:
                     # The pushed-down filter only prunes; the exact semantics come from the evaluator.
                     batch = filter_batch(batch, where)
                 if columns is not None and needed != columns:
                     batch = batch.select(columns)
+                if skip and current == 0:
+                    cut = min(skip, batch.num_rows)
+                    batch, skip = batch.slice(cut), skip - cut
                 if batch.num_rows:
+                    path = group[current][0]
+                    passed[path] = passed.get(path, 0) + batch.num_rows
                     yield batch
+            if error is None:
+                pending = pending[len(group):]
+                continue
+            culprit, failure = await self._locate_read_failure(
+                error, group, current, spec.get("row_groups"), schema, part_schema, needed, where, batch_rows
+            )
+            if culprit is None or not self.read_policy.collect or isinstance(failure, TransientBackendError):
+                if failure is error:
+                    raise failure
+                raise failure from error
+            bad = group[culprit][0]
+            self.note_unreadable(
+                UnreadableInput(
+                    object=self._display(bad),
+                    reason=str(failure),
+                    error_class=type(failure).__name__,
+                    step="read",
+                    partition=partition.id,
+                    rows_read=passed.get(bad, 0),
+                )
+            )
+            # Files before `current` were read whole (a scan is ordered by file). A new
+            # scan resumes at `current`, skipping the rows of it already passed on,
+            # unless `current` is the bad file itself; the bad file is not read again.
+            skip = passed.get(group[current][0], 0) if current < culprit else 0
+            pending = group[current:culprit] + group[culprit + 1:] + pending[len(group):]
+
+    def _read_failure(self, exc: BaseException, display: str, *, parquet_file: bool = False) -> FerryError:
+        """The Ferry error for ``exc`` met while reading ``display``."""
+        if isinstance(exc, FerryError):
+            return exc
+        failure = translate_error(exc, f"reading {display}", self.location_info(), self.endpoint_url)
+        if isinstance(failure, TransientBackendError) or isinstance(exc, (FileNotFoundError, PermissionError)):
+            return failure
+        if isinstance(exc, pa.ArrowInvalid) or parquet_file:
+            kind = "Parquet file " if parquet_file else ""
+            return PermanentBackendError(f"cannot read {kind}{display} (corrupt or truncated?): {exc}")
+        return failure
+
+    async def _locate_read_failure(
+        self, error, group, current, row_groups, schema, part_schema, needed, where, batch_rows
+    ) -> tuple[int | None, FerryError]:
+        """Which file of a failed scan's ``group`` is bad, and the error naming it (None: cannot tell).
+
+        A Parquet scan spans several files and Arrow's error does not say
+        which: the files from ``current`` (the one being read) on are scanned
+        again one by one, and the first that fails is the bad one.
+        """
+        if self.format != "parquet":
+            return 0, self._read_failure(error, self._display(group[0][0]))
+        if len(group) == 1:
+            return 0, self._read_failure(error, self._display(group[0][0]), parquet_file=True)
+        failure = self._read_failure(error, f"{self._display(group[0][0])} (+{len(group) - 1} more)")
+        if isinstance(failure, TransientBackendError):
+            return None, failure
+        for index in range(current, len(group)):
+            path, relative = group[index]
+            probe = self._parquet_batches([path], [relative], row_groups, schema, part_schema, needed, where, batch_rows)
+            try:
+                await thread_call(_drain, probe)
+            except (pa.ArrowInvalid, OSError) as exc:
+                found = self._read_failure(exc, self._display(path), parquet_file=True)
+                return (None if isinstance(found, TransientBackendError) else index), found
+        return None, failure
 
     def _parquet_batches(self, paths, relatives, row_group_range, schema, part_schema, needed, where, batch_rows):
         arrow_fs = self._filesystems().arrow_fs
@@ -620,7 +809,9 @@ class ObjectStoreBackend(Backend):
             batch_readahead=SCAN_BATCH_READAHEAD,
             fragment_readahead=SCAN_FRAGMENT_READAHEAD,
         )
-        return iter(scanner.to_batches())
+        # (position of the batch's file in `paths`, batch): the scan yields files in order.
+        position = {fragment.path: index for index, fragment in enumerate(fragments)}
+        return ((position[tagged.fragment.path], tagged.record_batch) for tagged in scanner.scan_batches())
 
     def _text_batches(self, path, relative, schema, part_schema, needed, display):
         arrow_fs = self._filesystems().arrow_fs
@@ -639,7 +830,7 @@ class ObjectStoreBackend(Backend):
                 else:
                     target = schema.field(name).type
                     arrays.append(pa.array([values.get(name)] * batch.num_rows, pa.string()).cast(target))
-            yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in wanted]))
+            yield 0, pa.RecordBatch.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in wanted]))
 
     # -- writing -----------------------------------------------------------------
     async def begin_write(self, dataset: str, ctx: WriteContext) -> None:
@@ -920,6 +1111,51 @@ class ObjectStoreBackend(Backend):
                 _rm(fs, self._meta(dataset, "commits", version))
                 done.append(f"removed unpublished replace version {version}")
         return done
+
+
+def _drain(batches) -> None:
+    """Read an iterator to its end (a probe: only its errors matter)."""
+    for _ in batches:
+        pass
+
+
+def _unify_leaving_out(named: list[tuple[str, pa.Schema]], promote: str) -> tuple[pa.Schema, dict[int, str]]:
+    """Unify file schemas, leaving out files that conflict: the schema and ``{position: reason}``.
+
+    Files join one by one starting with the schema most of them share (the
+    first such file on a tie), so the odd file is the one left out rather
+    than every file after it. The kept files are unified in listing order, so
+    the columns come in the order a read without conflicts would give.
+    """
+    schemas = [schema for _, schema in named]
+    try:
+        return pa.unify_schemas(schemas, promote_options=promote), {}
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    shapes: list[tuple[pa.Schema, list[int]]] = []
+    for position, schema in enumerate(schemas):
+        for shape, members in shapes:
+            if shape.equals(schema, check_metadata=False):
+                members.append(position)
+                break
+        else:
+            shapes.append((schema, [position]))
+    seed = max(shapes, key=lambda shape: len(shape[1]))[1][0]
+    unified = schemas[seed]
+    conflicts: dict[int, str] = {}
+    for position, (name, schema) in enumerate(named):
+        if position == seed:
+            continue
+        try:
+            unified = pa.unify_schemas([unified, schema], promote_options=promote)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            try:
+                unify_file_schemas([(named[seed][0], unified), (name, schema)])
+                conflicts[position] = f"{name} has a schema that differs from {named[seed][0]} ({exc})"
+            except PermanentBackendError as described:
+                conflicts[position] = str(described)
+    kept = [schema for position, schema in enumerate(schemas) if position not in conflicts]
+    return pa.unify_schemas(kept, promote_options=promote), conflicts
 
 
 def _read_small(fs, path: str) -> bytes | None:

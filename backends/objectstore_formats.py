@@ -382,35 +382,43 @@ def _read_error(display: str, exc: Exception) -> Exception:
     return PermanentBackendError(f"cannot read {display} (corrupt, truncated or not in the declared format?): {text}")
 
 
+def infer_file_schema(
+    arrow_fs: pafs.FileSystem, path: str, options: TextReadOptions, *, sample_bytes: int, display: str
+) -> pa.Schema:
+    """Infer the schema of one JSON Lines or CSV file from its first ``sample_bytes``."""
+    stream = arrow_fs.open_input_stream(path, compression="gzip" if is_gzip(path) else None)
+    try:
+        head = stream.read(sample_bytes)
+    except OSError as exc:
+        raise _read_error(display, exc) from None
+    finally:
+        stream.close()
+    if len(head) >= sample_bytes:
+        # Cut at the last full line so inference never sees half a record.
+        cut = head.rfind(b"\n")
+        head = head[: cut + 1] if cut > 0 else head
+    try:
+        if options.fmt == "csv":
+            table = pcsv.read_csv(
+                pa.BufferReader(head),
+                parse_options=pcsv.ParseOptions(delimiter=options.delimiter),
+                convert_options=pcsv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False),
+            )
+        else:
+            table = pjson.read_json(pa.BufferReader(head))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _read_error(display, exc) from None
+    return table.schema
+
+
 def infer_text_schema(
     arrow_fs: pafs.FileSystem, paths: list[str], options: TextReadOptions, *, sample_bytes: int, displays: list[str]
 ) -> pa.Schema:
     """Infer one schema from the first ``sample_bytes`` of each sampled file, unified."""
-    schemas = []
-    for path, display in zip(paths, displays):
-        stream = arrow_fs.open_input_stream(path, compression="gzip" if is_gzip(path) else None)
-        try:
-            head = stream.read(sample_bytes)
-        except OSError as exc:
-            raise _read_error(display, exc) from None
-        finally:
-            stream.close()
-        if len(head) >= sample_bytes:
-            # Cut at the last full line so inference never sees half a record.
-            cut = head.rfind(b"\n")
-            head = head[: cut + 1] if cut > 0 else head
-        try:
-            if options.fmt == "csv":
-                table = pcsv.read_csv(
-                    pa.BufferReader(head),
-                    parse_options=pcsv.ParseOptions(delimiter=options.delimiter),
-                    convert_options=pcsv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False),
-                )
-            else:
-                table = pjson.read_json(pa.BufferReader(head))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise _read_error(display, exc) from None
-        schemas.append(table.schema)
+    schemas = [
+        infer_file_schema(arrow_fs, path, options, sample_bytes=sample_bytes, display=display)
+        for path, display in zip(paths, displays)
+    ]
     try:
         return pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:

@@ -39,6 +39,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from . import postgres_sql as sql
 from .base import Backend, Capabilities
 from .errors import ConfigurationError, FerryError, TransientBackendError
+from .logos import docs_url, logo_url
 from .pools import pool_manager
 from .postgres_copy import AdbcConnectionPool, translate_error
 from .postgres_read import PostgresReadMixin
@@ -68,6 +69,25 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
     _block_type_name = "Ferry PostgreSQL"
     _block_type_slug = "ferry-postgres"
     _description = "PostgreSQL tables read and written as Arrow through binary COPY, with pooled connections."
+    _logo_url = logo_url("postgres.png")
+    _documentation_url = docs_url("postgres.md")
+    _code_example = """
+    Name the saved block in a job file:
+
+    ```yaml
+    source:
+      block: ferry-postgres/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from ferry.backends.postgres import PostgresBackend
+
+    postgres_block = PostgresBackend.load("BLOCK_NAME")
+    ```
+    """
 
     kind: ClassVar[str] = "postgres"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True, pushdown_filters=True)
@@ -291,6 +311,7 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
     async def close(self) -> None:
         for conn, transaction in self._live.pop("snapshot_holders", {}).values():
             await self._end_snapshot(conn, transaction)
+        await self.release_run_locks()  # a replace run's lock on its new table (postgres_write)
         key = self.config_hash()
         if self._live.pop("adbc", None) is not None:
             await pool_manager.release(ADBC_POOL_KIND, key, per_loop=False)

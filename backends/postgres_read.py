@@ -142,7 +142,21 @@ class PostgresReadMixin:
         ]
 
     # -- reading ------------------------------------------------------------------------------------
-    def _read_sql(self, partition: Partition, catalog: list[sql.CatalogColumn], needed: list[str], where: Filter | None) -> str:
+    def _read_sql(
+        self,
+        partition: Partition,
+        catalog: list[sql.CatalogColumn],
+        needed: list[str],
+        where: Filter | None,
+        *,
+        raw: bool = False,
+    ) -> str:
+        """The SELECT of one partition: its key or ctid range, and what ``where`` pushes down.
+
+        ``raw`` selects the columns as stored (the binary COPY fast path sends
+        them on untouched); otherwise enums, uuids and the like are cast to
+        types the Arrow driver reads.
+        """
         by_name = {c.name: c for c in catalog}
         selected = [by_name[n] for n in needed]
         spec = partition.spec
@@ -177,7 +191,8 @@ class PostgresReadMixin:
             pushed = sql.filter_to_sql(where, by_name, sql.Params(inline=True))
             if pushed is not None:
                 conditions.append(pushed)
-        text = f"SELECT {sql.select_list(selected)} FROM {source}"
+        columns = ", ".join(sql.quote_ident(c.name) for c in selected) if raw else sql.select_list(selected)
+        text = f"SELECT {columns or 'NULL'} FROM {source}"
         if conditions:
             text += " WHERE " + " AND ".join(conditions)
         return text

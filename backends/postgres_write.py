@@ -10,6 +10,13 @@ commit together, so a retry after a lost acknowledgement finds the ledger row
 and skips. Upsert loads a temporary staging table and merges it with
 ``INSERT ... SELECT DISTINCT ON (key) ... ON CONFLICT (key) DO UPDATE`` (the
 last row for a key wins).
+
+A replace run's new table carries a ``ferry:run=`` table comment (run, job,
+target) and, from the transaction that creates it until publish or abort,
+a session-level advisory lock keyed by its OID, held on a connection set
+aside for the run. Any later run writing the target (and ``ferry repair``)
+drops the new tables whose lock is free: their run's session is gone (a
+killed process), while a live run's table is left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import json
+import logging
 import threading
 import time
 from typing import Any, AsyncIterable, Callable
@@ -27,6 +37,103 @@ from . import postgres_sql as sql
 from .base import WriteContext, WriteMode, WriteResult
 from .errors import ConfigurationError, DataError, FerryError, PermanentBackendError
 from .postgres_copy import END, AdbcConnectionPool, adapt_for_ingest, next_or_end, run_quietly, settle, translate_error
+
+logger = logging.getLogger("ferry.postgres")
+
+#: Table comment that marks a replace run's new table: ``ferry:run={"run_id": ..., "job": ..., ...}``.
+RUN_COMMENT_PREFIX = "ferry:run="
+#: High 32 bits of the advisory lock a run holds on its new table (the low 32 bits are the table's OID).
+RUN_LOCK_NAMESPACE = 0x46525259  # "FRRY"
+
+#: Tables of a schema whose name starts with a prefix, with their comment.
+_HELPER_TABLES_SQL = """
+SELECT c.oid::bigint AS oid, c.relname AS name, obj_description(c.oid, 'pg_class') AS comment
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND starts_with(c.relname, $2)
+ORDER BY c.relname
+"""
+
+
+def run_lock_key(oid: int) -> int:
+    """The advisory lock key a live run holds on the new table with this OID."""
+    return (RUN_LOCK_NAMESPACE << 32) | int(oid)
+
+
+def new_table_prefix(table: str) -> str:
+    """What every replace run's new table of ``table`` is named like (``<table>__ferry_new_``)."""
+    name = sql.helper_table_name(table, "", "new")
+    return name[: name.rindex("_") + 1]
+
+
+async def drop_stale_new_tables(conn: Any, schema: str, table: str) -> list[str]:
+    """Drop the new tables that replace runs of ``schema.table`` left when their process died.
+
+    A table is stale when its ``ferry:run=`` comment names this target and
+    nobody holds its run lock: the lock is session-level, so it went away with
+    the session of the killed run. One line per table dropped.
+    """
+    rows = await conn.fetch(_HELPER_TABLES_SQL, schema, new_table_prefix(table))
+    ledger = sql.qualified(schema, sql.LEDGER_TABLE)
+    has_ledger = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", ledger)
+    done = []
+    for row in rows:
+        run = parse_run_comment(row["comment"])
+        if run is None or run.get("schema") != schema or run.get("table") != table:
+            continue  # not a Ferry run's table of this target (or one from before runs were marked)
+        key = run_lock_key(row["oid"])
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)", key):
+            continue  # its run is live
+        try:
+            async with conn.transaction():
+                # A dead session may still be rolling back its COPY: wait for it, not forever.
+                await conn.execute("SET LOCAL lock_timeout = '10s'")
+                await conn.execute(f"DROP TABLE IF EXISTS {sql.qualified(schema, row['name'])}")
+                if has_ledger:
+                    await conn.execute(f"DELETE FROM {ledger} WHERE target = $1", row["name"])
+        except Exception as exc:
+            logger.warning("could not drop %s.%s, left by replace run %s: %s", schema, row["name"], run.get("run_id"), exc)
+            continue
+        finally:
+            await conn.fetchval("SELECT pg_advisory_unlock($1::bigint)", key)
+        done.append(
+            f"dropped {row['name']}, the unfinished new table of replace run {run.get('run_id')} "
+            f"(job {run.get('job')}), whose session is gone"
+        )
+    return done
+
+
+def parse_run_comment(comment: str | None) -> dict[str, Any] | None:
+    """The run a new table's comment names, or None for any other comment."""
+    if not comment or not comment.startswith(RUN_COMMENT_PREFIX):
+        return None
+    try:
+        run = json.loads(comment[len(RUN_COMMENT_PREFIX):])
+    except ValueError:
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def merge_sql(schema: str, table: str, names: list[str], casts: dict[str, str], key: tuple[str, ...], *, upsert: bool) -> str:
+    """INSERT ... SELECT from ``pg_temp.ferry_stage`` into the table, in arrival order (``__ferry_seq``).
+
+    For upsert, ``DISTINCT ON (key) ... ORDER BY key, __ferry_seq DESC`` keeps
+    the last row received per key and ``ON CONFLICT (key) DO UPDATE`` merges it.
+    ``casts`` maps staged-as-text columns to the type the server casts them to.
+    """
+    columns = ", ".join(sql.quote_ident(n) for n in names)
+    selected = ", ".join(f"{sql.quote_ident(n)}::{casts[n]}" if n in casts else sql.quote_ident(n) for n in names)
+    target = f"INSERT INTO {sql.qualified(schema, table)} ({columns}) "
+    if not upsert:
+        return target + f"SELECT {selected} FROM pg_temp.ferry_stage ORDER BY __ferry_seq"
+    key_list = ", ".join(sql.quote_ident(k) for k in key)
+    updates = [f"{sql.quote_ident(n)} = EXCLUDED.{sql.quote_ident(n)}" for n in names if n not in key]
+    action = "DO UPDATE SET " + ", ".join(updates) if updates else "DO NOTHING"
+    # DISTINCT ON keeps the first row per key in ORDER BY order: the last one received.
+    return (
+        target
+        + f"SELECT DISTINCT ON ({key_list}) {selected} FROM pg_temp.ferry_stage "
+        f"ORDER BY {key_list}, __ferry_seq DESC ON CONFLICT ({key_list}) {action}"
+    )
 
 
 class PostgresWriteMixin:
@@ -40,50 +147,160 @@ class PostgresWriteMixin:
             if ctx.schema.get_field_index(name) < 0:
                 raise ConfigurationError(f"key column {name!r} is not in the written columns", path="key")
         target = sql.qualified(schema, table)
+        # The plan's binary COPY fast path (ferry.backends.postgres_pipe.CopyPipe), when taken:
+        # the tables it writes get the source's column types.
+        pipe = ctx.state.get("direct")
         state: dict[str, Any] = {"schema": schema, "table": table, "write_table": table}
+        pool = self._pool()
+        conn = await pool.acquire(timeout=self.connection_timeout)
         try:
-            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {sql.quote_ident(schema)}")
-                await conn.execute(sql.ledger_sql(schema))
-                exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target)
-                if ctx.mode is WriteMode.REPLACE:
-                    strategy = self.replace_strategy
-                    dependents = await conn.fetch(sql.DEPENDENTS_SQL, target) if exists else []
-                    if strategy == "auto":
-                        strategy = "truncate" if dependents else "swap"
-                    if strategy == "swap" and dependents:
-                        raise ConfigurationError(
-                            f"{schema}.{table} cannot be swapped by rename: "
-                            + ", ".join(r[0] for r in dependents)
-                            + " depend on it; set replace_strategy: truncate (or auto)",
-                            path="replace_strategy",
-                        )
-                    new = sql.helper_table_name(table, ctx.run_id, "new")
-                    await conn.execute(f"DROP TABLE IF EXISTS {sql.qualified(schema, new)}")
-                    for statement in sql.create_table_sql(schema, new, ctx.schema, ctx.key):
+            # One connection throughout; for replace it stays with the run (it holds the run lock).
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {sql.quote_ident(schema)}")
+            await conn.execute(sql.ledger_sql(schema))
+            for line in await drop_stale_new_tables(conn, schema, table):
+                logger.warning("%s.%s: %s", schema, table, line)
+            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target)
+            if ctx.mode is WriteMode.REPLACE:
+                strategy = self.replace_strategy
+                dependents = await conn.fetch(sql.DEPENDENTS_SQL, target) if exists else []
+                if strategy == "auto":
+                    strategy = "truncate" if dependents else "swap"
+                if strategy == "swap" and dependents:
+                    raise ConfigurationError(
+                        f"{schema}.{table} cannot be swapped by rename: "
+                        + ", ".join(r[0] for r in dependents)
+                        + " depend on it; set replace_strategy: truncate (or auto)",
+                        path="replace_strategy",
+                    )
+                new = sql.helper_table_name(table, ctx.run_id, "new")
+                if pipe is not None and strategy == "truncate" and exists:
+                    await self._check_pipe_target(conn, pipe, schema, table)
+                statements = (
+                    pipe.create_table_sql(schema, new)
+                    if pipe is not None
+                    else sql.create_table_sql(schema, new, ctx.schema, ctx.key)
+                )
+                await self._create_new_table(conn, schema, table, new, statements, ctx)
+                state.update(write_table=new, strategy=strategy, target_existed=bool(exists))
+            elif not exists:
+                statements = (
+                    pipe.create_table_sql(schema, table)
+                    if pipe is not None
+                    else sql.create_table_sql(schema, table, ctx.schema, ctx.key)
+                )
+                async with conn.transaction():
+                    for statement in statements:
                         await conn.execute(statement)
-                    state.update(write_table=new, strategy=strategy, target_existed=bool(exists))
-                elif not exists:
-                    async with conn.transaction():
-                        for statement in sql.create_table_sql(schema, table, ctx.schema, ctx.key):
-                            await conn.execute(statement)
+            else:
+                if pipe is not None:
+                    await self._check_pipe_target(conn, pipe, schema, table)
                 else:
                     await self._add_missing_columns(conn, schema, table, ctx.schema)
-                    if ctx.mode is WriteMode.UPSERT:
-                        await self._ensure_unique_key(conn, schema, table, ctx.key)
-                if ctx.mode is not WriteMode.REPLACE:
-                    for index in self.indexes:
-                        await conn.execute(sql.index_sql(schema, table, index, ctx.schema.names))
-                else:
-                    for index in self.indexes:  # checked now, created at publish
-                        sql.index_sql(schema, table, index, ctx.schema.names)
-                rows = await conn.fetch(sql.CATALOG_COLUMNS_SQL, sql.qualified(schema, state["write_table"]))
+                if ctx.mode is WriteMode.UPSERT:
+                    await self._ensure_unique_key(conn, schema, table, ctx.key)
+            if ctx.mode is not WriteMode.REPLACE:
+                for index in self.indexes:
+                    await conn.execute(sql.index_sql(schema, table, index, ctx.schema.names))
+            else:
+                for index in self.indexes:  # checked now, created at publish
+                    sql.index_sql(schema, table, index, ctx.schema.names)
+            rows = await conn.fetch(sql.CATALOG_COLUMNS_SQL, sql.qualified(schema, state["write_table"]))
         except FerryError:
             raise
         except Exception as exc:
             raise translate_error(exc, f"preparing {schema}.{table} for writing") from None
+        finally:
+            if not any(entry[0] is conn for entry in self._live.get("replace_holders", {}).values()):
+                await asyncio.shield(pool.release(conn))
         state["column_types"] = {r["name"]: r["type"] for r in rows}
         ctx.state["postgres"] = state
+
+    async def _check_pipe_target(self, conn: Any, pipe: Any, schema: str, table: str) -> None:
+        """The binary COPY fast path was planned against this table's types: refuse a table that changed since."""
+        problems = pipe.mismatches(await pipe.fetch_columns(conn, schema, table))
+        if problems:
+            raise ConfigurationError(
+                f"{schema}.{table} changed since the run was planned ({'; '.join(problems)}); "
+                "run the job again to plan it against the table as it is"
+            )
+
+    async def _create_new_table(self, holder: Any, schema: str, table: str, new: str, statements: list[str], ctx: WriteContext) -> None:
+        """Create a replace run's new table, marked with the run and locked for as long as the run lives.
+
+        The lock is taken in the creating transaction, so no other session
+        ever sees the table unlocked while its run is alive; ``holder``, the
+        connection holding it, is set aside until publish, abort or close
+        (which run their statements on it).
+        """
+        name = sql.qualified(schema, new)
+        ledger = sql.qualified(schema, sql.LEDGER_TABLE)
+        await self._release_new_table(schema, new)
+        async with holder.transaction():
+            earlier = await holder.fetchval("SELECT to_regclass($1)::oid::bigint", name)
+            if earlier is not None:
+                # This run id was started before: its new table starts afresh (unless that attempt is live).
+                if not await holder.fetchval("SELECT pg_try_advisory_lock($1::bigint)", run_lock_key(earlier)):
+                    raise ConfigurationError(
+                        f"run {ctx.run_id} is already writing {schema}.{table} from another session; "
+                        "wait for it to finish or start a new run"
+                    )
+                await holder.execute(f"DROP TABLE {name}")
+                await holder.execute(f"DELETE FROM {ledger} WHERE target = $1", new)
+                await holder.fetchval("SELECT pg_advisory_unlock($1::bigint)", run_lock_key(earlier))
+            for statement in statements:
+                await holder.execute(statement)
+            mark = {"run_id": ctx.run_id, "job": ctx.job_name, "schema": schema, "table": table}
+            await holder.execute(f"COMMENT ON TABLE {name} IS {sql.render_text_literal(RUN_COMMENT_PREFIX + json.dumps(mark))}")
+            key = run_lock_key(await holder.fetchval("SELECT to_regclass($1)::oid::bigint", name))
+            await holder.fetchval("SELECT pg_advisory_lock($1::bigint)", key)
+        self._live.setdefault("replace_holders", {})[(schema, new)] = (holder, key)
+
+    @contextlib.asynccontextmanager
+    async def _run_connection(self, schema: str, new: str):
+        """The connection holding the run's lock on its new table, else a pooled one."""
+        entry = self._live.get("replace_holders", {}).get((schema, new))
+        if entry is not None and not entry[0].is_closed():
+            yield entry[0]
+            return
+        async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+            yield conn
+
+    async def _release_new_table(self, schema: str, new: str) -> None:
+        """Give up the run lock on a new table (after publish or abort) and return its connection."""
+        entry = self._live.get("replace_holders", {}).pop((schema, new), None)
+        if entry is None:
+            return
+        holder, key = entry
+        try:
+            await asyncio.shield(holder.fetchval("SELECT pg_advisory_unlock($1::bigint)", key))
+        except Exception:
+            pass  # the pool's reset of the connection unlocks it too
+        pool = self._live.get("pool")
+        if pool is not None:
+            try:
+                await asyncio.shield(pool.release(holder))
+            except Exception:
+                pass
+
+    async def release_run_locks(self) -> None:
+        """Release every run lock this block holds (when it closes)."""
+        for schema, new in list(self._live.get("replace_holders", {})):
+            await self._release_new_table(schema, new)
+
+    async def repair(self, dataset: str) -> list[str]:
+        """Drop the new tables of replace runs whose process died; a live run's new table stays.
+
+        Any run writing the target does the same when it begins; ``ferry
+        repair`` does it without running a job.
+        """
+        schema, table = self._names(dataset)
+        try:
+            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+                return await drop_stale_new_tables(conn, schema, table)
+        except FerryError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, f"repairing {schema}.{table}") from None
 
     async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
         """How replace and upsert will run against this table (shown by ``ferry plan``)."""
@@ -209,7 +426,7 @@ class PostgresWriteMixin:
         target, staged = sql.qualified(schema, table), sql.qualified(schema, new)
         ledger = sql.qualified(schema, sql.LEDGER_TABLE)
         try:
-            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+            async with self._run_connection(schema, new) as conn:
                 async with conn.transaction():
                     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", target)
                     if exists and state.get("strategy") == "truncate":
@@ -219,6 +436,8 @@ class PostgresWriteMixin:
                         await conn.execute(f"INSERT INTO {target} ({names}) SELECT {names} FROM {staged}")
                         await conn.execute(f"DROP TABLE {staged}")
                     else:
+                        # The run's mark goes; the old table's comment (if any) is carried over below.
+                        await conn.execute(f"COMMENT ON TABLE {staged} IS NULL")
                         if exists:
                             await conn.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
                             await self._carry_over(conn, schema, table, new)
@@ -235,6 +454,7 @@ class PostgresWriteMixin:
             raise
         except Exception as exc:
             raise translate_error(exc, f"publishing the replace of {schema}.{table}") from None
+        await self._release_new_table(schema, new)
 
     async def _carry_over(self, conn: Any, schema: str, table: str, new: str) -> None:
         """Grants, the table comment and column comments of the old table go to the new one."""
@@ -281,11 +501,14 @@ class PostgresWriteMixin:
         schema, new = state["schema"], state["write_table"]
 
         async def drop() -> None:
-            async with self._pool().acquire(timeout=self.connection_timeout) as conn:
+            async with self._run_connection(schema, new) as conn:
                 await conn.execute(f"DROP TABLE IF EXISTS {sql.qualified(schema, new)}")
                 await conn.execute(f"DELETE FROM {sql.qualified(schema, sql.LEDGER_TABLE)} WHERE target = $1", new)
 
-        await asyncio.shield(drop())
+        try:
+            await asyncio.shield(drop())
+        finally:
+            await self._release_new_table(schema, new)
 
 
 class PartitionWriter:
@@ -489,22 +712,7 @@ class PartitionWriter:
         self.rejected += self.ctx.reject(batch, rejects)
 
     def _insert_sql(self, schema: str, table: str, names: list[str], casts: dict[str, str], upsert: bool) -> str:
-        columns = ", ".join(sql.quote_ident(n) for n in names)
-        selected = ", ".join(
-            f"{sql.quote_ident(n)}::{casts[n]}" if n in casts else sql.quote_ident(n) for n in names
-        )
-        target = f"INSERT INTO {sql.qualified(schema, table)} ({columns}) "
-        if not upsert:
-            return target + f"SELECT {selected} FROM pg_temp.ferry_stage ORDER BY __ferry_seq"
-        key = ", ".join(sql.quote_ident(k) for k in self.ctx.key)
-        updates = [f"{sql.quote_ident(n)} = EXCLUDED.{sql.quote_ident(n)}" for n in names if n not in self.ctx.key]
-        action = "DO UPDATE SET " + ", ".join(updates) if updates else "DO NOTHING"
-        # DISTINCT ON keeps the first row per key in ORDER BY order: the last one received.
-        return (
-            target
-            + f"SELECT DISTINCT ON ({key}) {selected} FROM pg_temp.ferry_stage "
-            f"ORDER BY {key}, __ferry_seq DESC ON CONFLICT ({key}) {action}"
-        )
+        return merge_sql(schema, table, names, casts, self.ctx.key, upsert=upsert)
 
 
 #: Column types the driver writes directly from Arrow strings.

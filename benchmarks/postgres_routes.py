@@ -18,7 +18,8 @@ text[], jsonb, boolean...) is Ferry's generated orders data set; its
 * ``postgres-to-parquet`` -- the prepared table -> local Parquet. Baseline
   ``adbc-fetch``: the same stream written by one ``ParquetWriter`` (snappy).
 * ``postgres-to-postgres`` -- the prepared table -> another table (Ferry
-  replace). Baseline ``copy-pipe``: binary ``COPY ... TO STDOUT`` piped into
+  replace, which takes the binary COPY fast path: no decoding either).
+  Baseline ``copy-pipe``: binary ``COPY ... TO STDOUT`` piped into
   ``COPY ... FROM STDIN`` between two asyncpg connections (no decoding).
 
 Nothing here imports Ferry or Prefect at import time.
@@ -316,7 +317,10 @@ async def ferry_postgres_to_postgres(ctx: RunContext, rows: int) -> FerryResult:
         target=_endpoint(ctx, "orders_copy_ferry"),
         key=["order_id"],
     )
-    return await ctx.run_job(job)
+    result = await ctx.run_job(job)
+    if not result.summary.get("copy_fast_path"):
+        raise HarnessError("the postgres-to-postgres job did not take the binary COPY fast path; see `ferry plan`")
+    return result
 
 
 async def copy_pipe(ctx: RunContext, rows: int) -> BaselineResult:

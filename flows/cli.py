@@ -244,9 +244,25 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"                expected {verification['rows_expected']:,} rows / {verification['checksum_expected']}, "
             f"found {verification['rows_found']:,} rows / {verification.get('checksum_found', '-')}"
         )
+    if verification.get("note"):
+        lines.append(f"                {verification['note']}")
     for path in summary["rejects_files"]:
         lines.append(f"  rejects       {path}")
+    unreadable = summary.get("unreadable_files") or []
+    if unreadable:
+        count = len({entry["object"] for entry in unreadable})
+        lines.append(f"  not read      {count} source file(s) could not be read and were left out (on_error: collect):")
+        for entry in unreadable:
+            loaded = f"; {entry['rows_read']:,} of its rows loaded before the failure" if entry["rows_read"] else ""
+            lines.append(f"                {entry['object']} ({entry['step']}{loaded}): {_one_line(entry['reason'])}")
+        if summary.get("unreadable_report"):
+            lines.append(f"                listed in {summary['unreadable_report']}")
     return "\n".join(lines)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _progress_bar(tracker: Any, stop: threading.Event) -> None:

@@ -25,11 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from ferry.backends.base import Backend, Partition, WriteContext, WriteMode
+from ferry.backends.base import Backend, Partition, ReadPolicy, WriteContext, WriteMode
 from ferry.backends.checksum import Checksum
 from ferry.backends.errors import ConfigurationError, FerryError, TransientBackendError
 from ferry.tasks.pipeline import PartitionJob, _logger, migrate_partition
 from ferry.tasks.progress import RunTracker, tracker_for
+from ferry.tasks.rejects import write_unreadable_files
 from ferry.tasks.report import publish_artifacts, publish_stopped_artifact
 
 from .planning import Plan, plan_job
@@ -66,6 +67,8 @@ async def plan_task(job: JobSpec, source: Backend, target: Backend) -> Plan:
         source.describe(),
         target.describe(),
     )
+    if plan.direct_note is not None:
+        _logger().info("COPY fast path: %s", plan.direct_note)
     return plan
 
 
@@ -147,9 +150,15 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
     logger = _logger()
     started = time.monotonic()
     source = await build_backend(job.source)
+    # on_error also decides what the source does with a file it cannot read:
+    # fail naming it, or (collect) leave it out and report it.
+    source.set_read_policy(ReadPolicy(on_error=job.on_error))
     target = await build_backend(job.target)
     async with source, target:
         plan = await plan_task.with_options(task_run_name=f"plan {job.name}")(quote(job), quote(source), quote(target))
+        planned_unreadable = [entry.to_dict() for entry in source.unreadable_inputs()]
+        for entry in planned_unreadable:
+            logger.warning("%s is left out of the read: %s", entry["object"], entry["reason"])
         tracker.estimated_rows = plan.estimated_rows
         for part in plan.partitions:
             tracker.partition(part.id)
@@ -161,6 +170,9 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             key=tuple(job.key),
             on_error=job.on_error,
         )
+        if plan.direct is not None:
+            # The target creates or checks its tables for the direct copy (e.g. the source's column types).
+            ctx.state["direct"] = plan.direct
         rejects_dir = str(Path(job.rejects_dir) / job.name / run_id)
         jobs = [
             PartitionJob(
@@ -181,6 +193,7 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
                 on_error=job.on_error,
                 max_rejected_rows=job.max_rejected_rows,
                 verify=job.verify,
+                direct=plan.direct,
             )
             for part in plan.partitions
         ]
@@ -202,6 +215,11 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
         except BaseException as exc:
             reporter.cancel()
             await asyncio.shield(target.abort(job.target.dataset, ctx))
+            try:
+                unread = planned_unreadable + [entry for j in jobs for entry in j.unreadable]
+                await asyncio.shield(asyncio.to_thread(write_unreadable_files, rejects_dir, unread))
+            except BaseException:  # the report must never hide the original error
+                pass
             committed = tracker.kept_after_stop()
             logger.error(
                 "run %s stopped (%s); this run's unfinished output was removed; committed partitions: %s",
@@ -223,6 +241,8 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
         expected = Checksum()
         for result in results:
             expected = expected.combine(Checksum.from_dict(result["checksum"]))
+        unreadable = planned_unreadable + [entry for result in results for entry in result["unreadable"]]
+        unreadable_report = await asyncio.to_thread(write_unreadable_files, rejects_dir, unreadable)
         verification: dict[str, Any] = {"status": "skipped", "method": "verify: false"}
         if job.verify:
             verification = await verify_task.with_options(task_run_name=f"verify {job.target.dataset}")(
@@ -235,7 +255,15 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
                 job.stream.parallel,
                 job.stream.batch_size,
             )
+        if unreadable:
+            verification = {
+                **verification,
+                "note": f"covers the rows read: {_files(len({e['object'] for e in unreadable}))} of the source "
+                "could not be read and were left out",
+            }
         summary = _summary(job, plan, tracker, results, verification, data_seconds, time.monotonic() - started)
+        summary["unreadable_files"] = unreadable
+        summary["unreadable_report"] = unreadable_report
     await publish_artifacts(summary)
     logger.info(
         "run %s finished: %s rows written in %.2fs (%s rows/s), verification %s",
@@ -252,6 +280,10 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             f"(checksum {verification.get('checksum_found')})"
         )
     return summary
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"
 
 
 async def _run_on_loop(jobs: list[PartitionJob], job: JobSpec, tags: list[str]) -> list[dict[str, Any]]:
@@ -342,4 +374,5 @@ def _summary(
         "rejects_files": rejects,
         "verification": verification,
         "committed": tracker.committed(),
+        "copy_fast_path": plan.direct is not None,
     }

@@ -2,6 +2,12 @@
 
 Used by the ``migrate`` flow before it writes anything and by ``ferry plan``
 (a dry run that writes nothing). No Prefect here: planning needs no API.
+
+Planning also decides whether a store-to-store *direct copy* replaces the
+read -> transform -> write pipeline: PostgreSQL -> PostgreSQL jobs whose
+transforms only select, drop and rename columns stream binary COPY from the
+source into the target without decoding (``ferry.backends.postgres_pipe``).
+The plan says whether it is taken, or why not.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from ferry.backends.base import Backend, Partition, WriteMode
 from ferry.backends.errors import ConfigurationError
 from ferry.backends.filters import Filter
 from ferry.backends.types import SchemaDecision, format_arrow_type, unify_for_policy
-from ferry.tasks.transforms import TransformChain, parse_steps
+from ferry.tasks.transforms import DropStep, RenameStep, SelectStep, TransformChain, parse_steps
 
 from .spec import JobSpec
 
@@ -35,6 +41,13 @@ class Plan:
     chain: TransformChain
     where: Filter | None
     notes: list[str] = field(default_factory=list)
+    #: A direct copy that moves every partition store to store instead of the
+    #: read -> transform -> write pipeline (PostgreSQL's binary COPY pipe), or None.
+    #: It offers ``copy(source, target, partition, dataset, ctx) -> WriteResult``
+    #: and ``describe_target_schema()``.
+    direct: Any = None
+    #: Whether the direct copy is taken, or why not (None when the stores have none).
+    direct_note: str | None = None
 
     @property
     def estimated_rows(self) -> int | None:
@@ -66,7 +79,12 @@ class Plan:
             lines.append(f"  {f.name:<{width}}  {origin_text} -> {format_arrow_type(f.type)}")
         lines.append("")
         lines.append("Target schema it would apply:")
-        lines.extend("  " + line for line in self.target.describe_target_schema(self.decision.write_schema).splitlines())
+        ddl = (
+            self.direct.describe_target_schema()
+            if self.direct is not None
+            else self.target.describe_target_schema(self.decision.write_schema)
+        )
+        lines.extend("  " + line for line in ddl.splitlines())
         lines.append("")
         if self.target_schema is None:
             lines.append("Target does not exist yet: it will be created.")
@@ -84,6 +102,8 @@ class Plan:
                 lines.append("Target exists; against it this run " + "; ".join(changes) + ".")
             else:
                 lines.append("Target exists with the same columns and types.")
+        if self.direct_note is not None:
+            lines.append(f"COPY fast path: {self.direct_note}")
         for note in self.notes:
             lines.append(f"Note: {note}")
         return "\n".join(lines)
@@ -96,6 +116,9 @@ class Plan:
             "write_schema": {f.name: format_arrow_type(f.type) for f in self.decision.write_schema},
             "target_exists": self.target_schema is not None,
             "notes": list(self.notes),
+            "copy_fast_path": None
+            if self.direct_note is None
+            else {"taken": self.direct is not None, "note": self.direct_note},
         }
 
 
@@ -138,6 +161,7 @@ async def plan_job(job: JobSpec, source: Backend, target: Backend) -> Plan:
     if not target.effective_capabilities.readable_after_write and job.verify:
         notes.append("the target keeps no data, so verification compares row counts only")
     notes.extend(await target.plan_notes(job.target.dataset, mode))
+    direct, direct_note = await _plan_direct_copy(job, source, target, chain, source_schema, decision, where, partitions)
     return Plan(
         job=job,
         source=source,
@@ -150,7 +174,77 @@ async def plan_job(job: JobSpec, source: Backend, target: Backend) -> Plan:
         chain=chain,
         where=where,
         notes=notes,
+        direct=direct,
+        direct_note=direct_note,
     )
+
+
+def column_lineage(chain: TransformChain, names: list[str]) -> tuple[list[tuple[str, str]] | None, Any]:
+    """(source column, written name) pairs when every step only selects, drops or renames.
+
+    Returns ``(pairs, None)``, or ``(None, step)`` with the first step that
+    does anything else (computes, casts, filters or runs Python).
+    """
+    current = [(name, name) for name in names]
+    for step in chain.steps:
+        if isinstance(step, SelectStep):
+            origin = {written: source for source, written in current}
+            current = [(origin[name], name) for name in step.columns]
+        elif isinstance(step, DropStep):
+            current = [(source, written) for source, written in current if written not in step.columns]
+        elif isinstance(step, RenameStep):
+            renames = dict(step.mapping)
+            current = [(source, renames.get(written, written)) for source, written in current]
+        else:
+            return None, step
+    return current, None
+
+
+async def _plan_direct_copy(
+    job: JobSpec,
+    source: Backend,
+    target: Backend,
+    chain: TransformChain,
+    source_schema: pa.Schema,
+    decision: SchemaDecision,
+    where: Filter | None,
+    partitions: list[Partition],
+) -> tuple[Any, str | None]:
+    """The direct copy for this job and why, or (None, why not); (None, None) when the stores offer none."""
+    if source.kind != "postgres" or target.kind != "postgres":
+        return None, None
+    fallback = "not taken, rows go through Arrow: "
+    lineage, blocking = column_lineage(chain, source_schema.names)
+    if blocking is not None:
+        return None, fallback + (
+            f"transforms[{blocking.index}] ({blocking.kind}) does more than select, drop or rename"
+        )
+    if job.on_error == "collect":
+        return None, fallback + (
+            "on_error: collect sets bad rows aside, and binary COPY fails a whole partition on one bad row"
+        )
+    if decision.added_columns or decision.dropped_columns or decision.null_filled_columns:
+        changed = decision.added_columns + decision.dropped_columns + decision.null_filled_columns
+        return None, fallback + (
+            f"schema_policy {job.schema_policy} changes the columns against the existing target ({', '.join(changed)})"
+        )
+    written = [name for _, name in lineage]
+    if len(set(written)) != len(written):
+        return None, fallback + "the transforms write a column twice"
+    from ferry.backends.postgres_pipe import plan_copy_pipe
+
+    pipe, note = await plan_copy_pipe(
+        source,
+        target,
+        source_dataset=job.source.dataset,
+        target_dataset=job.target.dataset,
+        columns=lineage,
+        where=where,
+        mode=job.mode,
+        key=tuple(job.key),
+        parallel=max(1, min(job.stream.parallel, len(partitions))),
+    )
+    return pipe, note if pipe is not None else fallback + note
 
 
 def _require_columns(schema: pa.Schema, columns: list[str], path: str, dataset: str) -> None:

@@ -3,7 +3,9 @@
 With ``on_error: collect`` every rejected row lands in a local Parquet file,
 one per run and partition: ``<rejects_dir>/<job>/<run>/<partition>.parquet``
 with the partition, the row key, the column, the offending value, the reason,
-the error class and the whole original row as JSON.
+the error class and the whole original row as JSON. Source files left out
+because they could not be read are listed, one JSON object a line, in
+``<rejects_dir>/<job>/<run>/unreadable-files.jsonl``.
 """
 
 from __future__ import annotations
@@ -120,3 +122,33 @@ def _strings(table: pa.Table, name: str) -> pa.Array:
 def read_rejects(path: str) -> list[dict[str, Any]]:
     """Rows of a rejects file as dictionaries (for tests and small files)."""
     return pq.read_table(path).to_pylist()
+
+
+#: The run's file-level rejects: source objects left out of the read (on_error: collect).
+UNREADABLE_FILES = "unreadable-files.jsonl"
+
+
+def write_unreadable_files(folder: str, entries: list[dict[str, Any]]) -> str | None:
+    """Write the run's unreadable source objects, one JSON object a line, and return the path.
+
+    Each entry names the ``object``, the ``step`` that met the error (``plan``
+    or ``read``), the ``partition``, the ``reason``, the ``error_class`` and
+    ``rows_read``: rows of it passed on, and so loaded, before the failure.
+    The file is rewritten whole, so a retried partition is never listed twice.
+    """
+    if not entries:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, UNREADABLE_FILES)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for entry in entries:
+            handle.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_unreadable_files(path: str) -> list[dict[str, Any]]:
+    """Entries of an unreadable-files report as dictionaries."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
