@@ -61,6 +61,7 @@ _STORES: dict[str, type["AsyncDatabase"] | str] = {
     "memory": "ferry.backends.records_memory:MemoryRecordStore",
     "postgres": "ferry.backends.records_postgres:PostgresRecordStore",
     "elasticsearch": "ferry.backends.records_elasticsearch:ElasticsearchRecordStore", "opensearch": "ferry.backends.records_elasticsearch:OpenSearchRecordStore",
+    **dict.fromkeys(("objectstore", "local", "file", "s3"), "ferry.backends.records_objectstore:ObjectStoreRecordStore"),
 }
 
 
