@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from .harness import DEFAULT_WARMUP_ROWS, Workspace, json_line, log, prepare_environment, run_benchmarks
 from .routes import ROUTES
+from .sweep import SETTINGS, check_options, parse_set, parse_vary
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 
@@ -90,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tmpdir", metavar="DIR", help="create the temporary workspace under DIR (default: the system temp folder)"
+    )
+    parser.add_argument(
+        "--vary",
+        action="append",
+        type=parse_vary,
+        default=[],
+        metavar="SETTING=V1,V2,...",
+        help=f"measure once per value of SETTING (repeatable: one setting at a time); settings: {', '.join(SETTINGS)}",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=parse_set,
+        default=[],
+        dest="fixed",
+        metavar="SETTING=VALUE",
+        help="hold a setting at VALUE for every run (repeatable; see --vary)",
     )
     return parser
 
@@ -183,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rows N is required (give it several times for several sizes)")
     rows_list = list(dict.fromkeys(args.rows))
     routes = [ROUTES[n] for n in dict.fromkeys(names)]
+    try:
+        check_options(args.vary, args.fixed)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     out_file = None
     if args.out:
@@ -202,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         f"workspace {workspace.root}; routes {', '.join(r.name for r in routes)}; rows "
         f"{', '.join(f'{n:,}' for n in rows_list)}; repeat {args.repeat}, parallel {args.parallel}, "
         f"batch size {args.batch_size:,}"
+        + "".join(f"; set {name} = {value}" for name, value in args.fixed)
+        + "".join(f"; vary {s.setting} over {', '.join(map(str, s.values))}" for s in args.vary)
     )
 
     def emit(record: dict[str, Any]) -> None:
@@ -224,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 warmup_rows=args.warmup_rows,
                 emit=emit,
+                settings=dict(args.fixed),
+                sweeps=args.vary,
             )
         )
     except BaseException as exc:

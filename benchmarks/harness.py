@@ -19,6 +19,9 @@ One invocation of ``python -m benchmarks`` does, in this order:
    (:func:`build_record`) and hands it to ``emit`` as soon as the
    measurement is complete.
 
+With ``--vary`` (:mod:`benchmarks.sweep`) step 3 runs once per value of each
+swept setting, with one warm-up and one start of the services per route.
+
 The workspace's data of every measurement is removed as soon as that
 measurement is done; the whole workspace is removed at the end (see
 :class:`Workspace`).
@@ -582,39 +585,75 @@ async def run_benchmarks(
     batch_size: int = 65_536,
     warmup_rows: int = DEFAULT_WARMUP_ROWS,
     emit: Callable[[dict[str, Any]], None] = lambda record: None,
+    settings: dict[str, int] | None = None,
+    sweeps: Sequence[Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every route at every row count; ``emit`` gets each record when it is complete."""
+    """Measure every route at every row count; ``emit`` gets each record when it is complete.
+
+    ``settings`` (``--set``) apply to every run; each of ``sweeps`` (``--vary``,
+    :mod:`benchmarks.sweep`) measures the route once per value, after one warm-up.
+    """
     from contextlib import AsyncExitStack
 
-    from .routes import RunContext
+    from .sweep import SweepContext, sweep_points
 
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
-    ctx = RunContext(workdir=Path(workdir), parallel=parallel, batch_size=batch_size)
+    ctx = SweepContext(workdir=Path(workdir), parallel=parallel, batch_size=batch_size, settings=dict(settings or {}))
     # Routes with their own ``run`` start no flow: the probe (and Prefect) only when a route needs it.
     startup = await measure_startup(ctx) if any(getattr(r, "run", None) is None for r in routes) else None
     records = []
+
+    def done(record: dict[str, Any]) -> None:
+        record = ctx.annotate(record)
+        records.append(record)
+        emit(record)
+
     for route in routes:
         async with AsyncExitStack() as stack:
             if route.services is not None:
                 log(f"{route.name}: starting services")
                 await stack.enter_async_context(route.services(ctx))
-            if getattr(route, "run", None) is not None:
-                if warmup_rows > 0:
-                    log(f"{route.name}: warm-up with {min(warmup_rows, max(rows_list)):,} rows (not measured)")
-                    await route.run(ctx, min(warmup_rows, max(rows_list)), 1)
-                for rows in rows_list:
-                    for record in await route.run(ctx, rows, repeat):
-                        records.append(record)
-                        emit(record)
-                continue
-            if warmup_rows > 0:
-                await warm_up(route, ctx, warmup_rows)
-            for rows in rows_list:
-                record = await measure(route, ctx, rows, repeat=repeat, startup=startup)
-                records.append(record)
-                emit(record)
+            for number, point in enumerate(sweep_points(list(sweeps or []))):
+                with ctx.point(*(point or ())):
+                    if point:
+                        log(f"{route.name}: {point[0]} = {point[1]:,}")
+                    await _measure_route(
+                        route, ctx, rows_list, repeat=repeat, warmup_rows=warmup_rows if number == 0 else 0,
+                        startup=startup, emit=done,
+                    )  # fmt: skip
     return records
+
+
+async def _measure_route(
+    route: Any,
+    ctx: Any,
+    rows_list: Sequence[int],
+    *,
+    repeat: int,
+    warmup_rows: int,
+    startup: Startup | None,
+    emit: Callable[[dict[str, Any]], None],
+) -> None:
+    """Warm up (unless ``warmup_rows`` is 0), then measure ``route`` at every row count."""
+    if getattr(route, "run", None) is not None:
+        if warmup_rows > 0:
+            log(f"{route.name}: warm-up with {min(warmup_rows, max(rows_list)):,} rows (not measured)")
+            await route.run(ctx, min(warmup_rows, max(rows_list)), 1)
+            ctx.check_applied(route.name)  # before spending a measurement on a setting that does nothing
+        for rows in rows_list:
+            lines = await route.run(ctx, rows, repeat)
+            ctx.check_applied(route.name)
+            for record in lines:
+                emit(record)
+        return
+    if warmup_rows > 0:
+        await warm_up(route, ctx, warmup_rows)
+        ctx.check_applied(route.name)
+    for rows in rows_list:
+        record = await measure(route, ctx, rows, repeat=repeat, startup=startup)
+        ctx.check_applied(route.name)
+        emit(record)
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -174,6 +174,57 @@ def _elasticsearch_service(ctx: RunContext) -> AsyncContextManager[Any]:
     return osmem_service(ctx)
 
 
+S3_PREFIX = "records-bench"
+
+
+@contextlib.asynccontextmanager
+async def _s3_store(ctx: RunContext) -> AsyncIterator[Any]:
+    from ferry.backends.records import AsyncDatabase
+
+    from .s3_routes import BUCKET, KEY, SECRET, _endpoint
+
+    settings = {
+        "url": f"s3://{BUCKET}/{S3_PREFIX}", "endpoint_url": _endpoint(ctx), "path_style": True, "key": KEY, "secret": SECRET,
+    }
+    db = await AsyncDatabase.create("s3", settings)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def _pyarrow_s3_baseline(ctx: RunContext, records: list[Any]) -> float:
+    """Bare pyarrow + s3fs: the same records as (id, JSON) rows, one Parquet object, one PUT.
+
+    The clock covers what a bare-driver user has to do with these records:
+    turning each into its id and JSON text, encoding the Parquet file and
+    uploading it (the store writes the same file plus typed columns).
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .s3_routes import BUCKET, _endpoint, _s3fs
+
+    fs = _s3fs(_endpoint(ctx))
+    path = f"{BUCKET}/{S3_PREFIX}-baseline/records.parquet"
+    started = time.perf_counter()
+    table = pa.table({"id": [r.storage_id() for r in records], "fields": [json.dumps(r.fields) for r in records]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    fs.pipe_file(path, sink.getvalue().to_pybytes())
+    elapsed = time.perf_counter() - started
+    fs.rm_file(path)
+    return elapsed
+
+
+def _s3_service(ctx: RunContext) -> AsyncContextManager[Any]:
+    from .s3_routes import moto_service
+
+    return moto_service(ctx)
+
+
 #: Backend name -> how to benchmark it, in output order.
 RECORD_BACKENDS: dict[str, RecordBench] = {
     "memory": RecordBench(
@@ -191,6 +242,12 @@ RECORD_BACKENDS: dict[str, RecordBench] = {
         baseline=_elasticsearch_bulk_baseline,
         baseline_name="elasticsearch-py async_bulk (plain documents)",
         services=_elasticsearch_service,
+    ),
+    "s3": RecordBench(
+        open=_s3_store,
+        baseline=_pyarrow_s3_baseline,
+        baseline_name="pyarrow write_table + s3fs pipe_file (id, JSON)",
+        services=_s3_service,
     ),
 }
 
@@ -346,5 +403,117 @@ register(
         baseline_name="per store (none for memory)",
         run=run_records,
         services=record_services,
+    )
+)
+
+
+# -- records-pooling: the guide's "5-10x from pooling" -------------------------------------------
+
+POOLING_ROUTE = "records-pooling"
+POOLING_SCHEMA = "records_pooling"
+#: Records in the table the reads pick from (reads cycle over them).
+POOLING_RECORDS = 10_000
+#: Reads of the connection-per-read baseline (a connection costs milliseconds: reported as a rate).
+CONNECT_PER_READ_MAX = 500
+#: PostgresBackend's default max_connections, the pool size when no sweep sets one.
+DEFAULT_POOL_SIZE = 10
+
+
+async def _concurrent_reads(read_one: Callable[[str], Awaitable[Any]], keys: list[str], in_flight: int) -> float:
+    """Seconds to read every key with ``in_flight`` readers at once (each read must find its record)."""
+    import asyncio
+
+    pending = iter(keys)
+
+    async def reader() -> None:
+        for key in pending:  # one iterator shared by the readers: each key is read once
+            if await read_one(key) is None:
+                raise RuntimeError(f"{POOLING_ROUTE}: record {key} not found")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(reader() for _ in range(in_flight)))
+    return time.perf_counter() - started
+
+
+async def run_records_pooling(ctx: RunContext, rows: int, repeat: int) -> list[dict[str, Any]]:
+    """``rows`` single-record reads through a pooled store, against ``asyncpg.connect`` per read.
+
+    Both sides keep ``--parallel`` reads in flight on the same table. The
+    pooled side is ``AsyncDatabase.read(id)`` on a PostgreSQL store whose pool
+    holds at most ``postgres.max_connections`` connections (sweep setting,
+    default 10), opened before the clock; the baseline opens a connection,
+    fetches the row, decodes its JSON and closes the connection, for the first
+    ``CONNECT_PER_READ_MAX`` reads. Runs alternate; figures are medians.
+    """
+    import json
+
+    import asyncpg
+
+    from ferry.backends.records import AsyncDatabase
+
+    from .sweep import setting
+
+    server = ctx.state["postgres"]
+    in_flight = ctx.parallel
+    pool_size = setting(ctx, "postgres.max_connections", DEFAULT_POOL_SIZE)
+    config = server.settings(schema=POOLING_SCHEMA, sslmode="disable", max_connections=pool_size, min_connections=1)
+    seconds: list[float] = []
+    baseline_seconds: list[float] = []
+    async with await AsyncDatabase.create("postgres", config) as db:
+        await db.clear()
+        ids = (await db.create_batch(_records(min(rows, POOLING_RECORDS)))).raise_for_errors()
+        keys = [ids[i % len(ids)] for i in range(rows)]
+        few = keys[:CONNECT_PER_READ_MAX]
+        statement = f"SELECT data::text FROM {db.target} WHERE id = $1"
+
+        async def connect_and_read(key: str) -> Any:
+            conn = await asyncpg.connect(server.dsn)
+            try:
+                data = await conn.fetchval(statement, key)
+            finally:
+                await conn.close()
+            return None if data is None else json.loads(data)
+
+        for attempt in range(1, repeat + 1):
+            seconds.append(await _concurrent_reads(db.read, keys, in_flight))
+            baseline_seconds.append(await _concurrent_reads(connect_and_read, few, in_flight))
+            log(
+                f"{POOLING_ROUTE} {rows:,} reads, {in_flight} in flight, pool {pool_size}, run {attempt}/{repeat}: "
+                f"pooled {rows / seconds[-1]:,.0f}/s, connect per read {len(few) / baseline_seconds[-1]:,.0f}/s"
+            )
+        await db.clear()
+    value, base = median(seconds), median(baseline_seconds)
+    rate, base_rate = rows / value, len(few) / base
+    return [
+        {
+            "route": POOLING_ROUTE,
+            "backend": "postgres",
+            "method": "read",
+            "rows": rows,
+            "seconds": value,
+            "rows_per_s": round(rate),
+            "baseline": "asyncpg.connect per read",
+            # Its reads in flight are --parallel too (a sweep plot draws the baseline through its points).
+            "baseline_settings": ["parallel"],
+            "baseline_rows": len(few),
+            "baseline_seconds": base,
+            "baseline_rows_per_s": round(base_rate),
+            "ratio": round(rate / base_rate, 4),
+            "parallel": in_flight,
+            "max_connections": pool_size,
+            "repeat": repeat,
+            "runs": {"seconds": seconds, "baseline_seconds": baseline_seconds},
+            **environment_info(),
+        }
+    ]
+
+
+register(
+    Route(
+        name=POOLING_ROUTE,
+        description="single-record reads: pooled AsyncDatabase (PostgreSQL) vs asyncpg.connect per read, --parallel in flight",
+        baseline_name="asyncpg.connect per read",
+        run=run_records_pooling,
+        services=_postgres_service,
     )
 )
