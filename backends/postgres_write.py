@@ -150,6 +150,15 @@ class PostgresWriteMixin:
         # The plan's binary COPY fast path (ferry.backends.postgres_pipe.CopyPipe), when taken:
         # the tables it writes get the source's column types.
         pipe = ctx.state.get("direct")
+        if ctx.mode is WriteMode.REPLACE and self.max_connections < 2:
+            # The run's lock on its new table keeps one pooled connection for the whole run;
+            # with a pool of one the partitions would wait for it until connection_timeout.
+            raise ConfigurationError(
+                f"replace into {schema}.{table} needs max_connections of at least 2 (it is "
+                f"{self.max_connections}): one connection holds the run's lock on the new table "
+                "while the partitions write through the others",
+                path="target.max_connections",
+            )
         state: dict[str, Any] = {"schema": schema, "table": table, "write_table": table}
         pool = self._pool()
         conn = await pool.acquire(timeout=self.connection_timeout)

@@ -135,6 +135,19 @@ def test_pool_info_reports_both_pools(postgres_server):
     asyncio.run(scenario())
 
 
+def test_replace_with_a_pool_of_one_is_refused_naming_the_setting(postgres_server):
+    table = pa.table({"id": pa.array([1, 2], pa.int64())})
+
+    async def scenario():
+        async with _backend(postgres_server, min_connections=1, max_connections=1) as block:
+            ctx = WriteContext(run_id="one", job_name="t", mode=WriteMode.REPLACE, schema=table.schema)
+            with pytest.raises(ConfigurationError, match="needs max_connections of at least 2") as caught:
+                await block.begin_write("pool_of_one", ctx)
+            assert caught.value.path == "target.max_connections"
+
+    asyncio.run(scenario())
+
+
 # -- types -------------------------------------------------------------------------------------------
 
 TYPES_DDL = """
