@@ -336,9 +336,15 @@ class AsyncDatabase(ABC):
         self, query: Query | None = None, config: StreamConfig | None = None
     ) -> AsyncIterator[Record]:
         """Yield matching records; at most ``config.buffer_size`` are read ahead of the consumer."""
-        async for batch in self._buffered(query, config):
-            for record in batch:
-                yield record
+        batches = self._buffered(query, config)
+        try:
+            async for batch in batches:
+                for record in batch:
+                    yield record
+        finally:
+            # Leaving ``async for`` does not close the inner generator; without this its
+            # producer would run on until the event loop finalizes it.
+            await batches.aclose()
 
     async def stream_read_batches(
         self,
@@ -355,23 +361,32 @@ class AsyncDatabase(ABC):
         """
         import pyarrow as pa
 
-        async for batch in self._buffered(query, config):
-            rows = []
-            for record in batch:
-                if id_column in record.fields:
-                    raise DataError(
-                        f"record {record.id!r} has a field named {id_column!r}, the id column; "
-                        "pass another id_column=",
-                        row_key=record.id,
-                    )
-                rows.append({id_column: record.id, **record.fields})
-            try:
-                yield pa.RecordBatch.from_pylist(rows, schema=schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        batches = self._buffered(query, config)
+        try:
+            async for batch in batches:
+                yield self._arrow_batch(batch, id_column, schema, pa)
+        finally:
+            await batches.aclose()
+
+    @staticmethod
+    def _arrow_batch(batch: list[Record], id_column: str, schema: Any, pa: Any) -> Any:
+        """One ``pyarrow.RecordBatch`` of records, the id in ``id_column``."""
+        rows = []
+        for record in batch:
+            if id_column in record.fields:
                 raise DataError(
-                    f"records cannot become one Arrow batch ({exc}); a field holds values of several types, "
-                    "pass schema= with the types to cast to"
-                ) from None
+                    f"record {record.id!r} has a field named {id_column!r}, the id column; "
+                    "pass another id_column=",
+                    row_key=record.id,
+                )
+            rows.append({id_column: record.id, **record.fields})
+        try:
+            return pa.RecordBatch.from_pylist(rows, schema=schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise DataError(
+                f"records cannot become one Arrow batch ({exc}); a field holds values of several types, "
+                "pass schema= with the types to cast to"
+            ) from None
 
     async def _buffered(self, query: Query | None, config: StreamConfig | None) -> AsyncIterator[list[Record]]:
         """Batches of ``_read_batches``, produced by a task at most ``buffer_size`` records ahead.
