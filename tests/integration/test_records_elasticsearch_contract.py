@@ -10,8 +10,7 @@ module was imported, before this module adds its factory.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Awaitable
 
 import pytest
 
@@ -31,22 +30,4 @@ def elasticsearch_store(request: pytest.FixtureRequest) -> Awaitable[AsyncDataba
 
 contract.STORE_FACTORIES["elasticsearch"] = elasticsearch_store
 
-
-@pytest.fixture(params=["elasticsearch"])
-def store(request):  # noqa: F811  (replaces the suite's fixture: this module runs Elasticsearch only)
-    """A function running ``body(db)`` on a fresh, empty Elasticsearch store."""
-    factory = contract.STORE_FACTORIES[request.param]
-
-    def run(body: Callable[[AsyncDatabase], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            db = await factory(request)
-            try:
-                await db.clear()
-                return await body(db)
-            finally:
-                await db.clear()
-                await db.close()
-
-        return asyncio.run(main())
-
-    return run
+store = contract.store_fixture("elasticsearch")  # noqa: F811  (this module runs the suite on Elasticsearch only)

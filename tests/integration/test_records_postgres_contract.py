@@ -9,8 +9,7 @@ adds its factory.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Awaitable
 
 import pytest
 
@@ -30,22 +29,4 @@ def postgres_store(request: pytest.FixtureRequest) -> Awaitable[AsyncDatabase]:
 
 contract.STORE_FACTORIES["postgres"] = postgres_store
 
-
-@pytest.fixture(params=["postgres"])
-def store(request):  # noqa: F811  (replaces the suite's fixture: this module runs Postgres only)
-    """A function running ``body(db)`` on a fresh, empty PostgreSQL store."""
-    factory = contract.STORE_FACTORIES[request.param]
-
-    def run(body: Callable[[AsyncDatabase], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            db = await factory(request)
-            try:
-                await db.clear()
-                return await body(db)
-            finally:
-                await db.clear()
-                await db.close()
-
-        return asyncio.run(main())
-
-    return run
+store = contract.store_fixture("postgres")  # noqa: F811  (this module runs the suite on PostgreSQL only)

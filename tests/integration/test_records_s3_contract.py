@@ -9,8 +9,7 @@ before this module adds its factory.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Awaitable
 
 import pytest
 
@@ -28,22 +27,4 @@ def s3_store(request: pytest.FixtureRequest) -> Awaitable[AsyncDatabase]:
 
 contract.STORE_FACTORIES["s3"] = s3_store
 
-
-@pytest.fixture(params=["s3"])
-def store(request):  # noqa: F811  (replaces the suite's fixture: this module runs S3 only)
-    """A function running ``body(db)`` on a fresh, empty S3 store."""
-    factory = contract.STORE_FACTORIES[request.param]
-
-    def run(body: Callable[[AsyncDatabase], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            db = await factory(request)
-            try:
-                await db.clear()
-                return await body(db)
-            finally:
-                await db.clear()
-                await db.close()
-
-        return asyncio.run(main())
-
-    return run
+store = contract.store_fixture("s3")  # noqa: F811  (this module runs the suite on S3 only)

@@ -400,24 +400,15 @@ def test_cache_settings_parse():
 # The suite's tests are imported as they are and run on a cached store: the caches must keep every
 # promise of the record API (results, order, errors, copies, stream bounds).
 
+from tests.unit import test_records_contract as contract  # noqa: E402
 from tests.unit.test_records_contract import *  # noqa: E402,F401,F403  (the suite's tests)
 
 
-@pytest.fixture(params=["memory-cached"])
-def store(request):  # noqa: F811  (replaces the suite's fixture: these run on a cached store)
-    """A function running ``body(db)`` on a fresh memory store with both caches and a monitor."""
+def _cached_memory_store(request: pytest.FixtureRequest):
+    """A memory store with both caches and a monitor on."""
+    return AsyncDatabase.create("memory", {"cache": BOTH}, monitor=PerformanceMonitor())
 
-    def run(body):
-        async def main():
-            db = await AsyncDatabase.create("memory", {"cache": BOTH}, monitor=PerformanceMonitor())
-            try:
-                await db.clear()
-                return await body(db)
-            finally:
-                await db.clear()
-                await db.close()
 
-        return asyncio.run(main())
-
-    return run
+contract.STORE_FACTORIES["memory-cached"] = _cached_memory_store
+store = contract.store_fixture("memory-cached")  # noqa: F811  (these run on a cached store)
 

@@ -4,7 +4,8 @@ Parametrized over ``STORE_FACTORIES``: a factory takes the pytest request (so
 a server-backed store can ask for its server fixture with
 ``request.getfixturevalue(...)``) and returns an awaitable of an open store;
 the suite clears it before and after each test. A store joins by adding one
-entry, e.g. ``STORE_FACTORIES["postgres"] = lambda request: ...``.
+entry, e.g. ``STORE_FACTORIES["postgres"] = lambda request: ...``, and a module
+running the suite on it alone sets ``store = store_fixture("postgres")``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,8 @@ STORE_FACTORIES: dict[str, StoreFactory] = {
 }
 
 
-@pytest.fixture(params=sorted(STORE_FACTORIES))
-def store(request):
-    """A function running ``body(db)`` on a fresh, empty store of each kind."""
-    factory = STORE_FACTORIES[request.param]
+def run_on_fresh_store(factory: StoreFactory, request: pytest.FixtureRequest) -> Callable[[Callable[[AsyncDatabase], Awaitable[Any]]], Any]:
+    """A function running ``body(db)`` on a store from ``factory``, cleared before and after."""
 
     def run(body: Callable[[AsyncDatabase], Awaitable[Any]]) -> Any:
         async def main() -> Any:
@@ -53,6 +52,24 @@ def store(request):
         return asyncio.run(main())
 
     return run
+
+
+def store_fixture(*names: str) -> Any:
+    """The suite's ``store`` fixture over the factories ``names``.
+
+    A module that runs the suite on its own store registers a factory, imports
+    the tests and sets ``store = store_fixture("<name>")``.
+    """
+
+    @pytest.fixture(params=list(names))
+    def store(request: pytest.FixtureRequest) -> Callable[[Callable[[AsyncDatabase], Awaitable[Any]]], Any]:
+        """A function running ``body(db)`` on a fresh, empty store of each kind."""
+        return run_on_fresh_store(STORE_FACTORIES[request.param], request)
+
+    return store
+
+
+store = store_fixture(*sorted(STORE_FACTORIES))
 
 
 # -- single-record operations -------------------------------------------------------------

@@ -16,7 +16,7 @@ import random
 import traceback
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -44,24 +44,7 @@ def local_store(request: pytest.FixtureRequest) -> Awaitable[AsyncDatabase]:
 contract.STORE_FACTORIES["local"] = local_store
 
 
-@pytest.fixture(params=["local"])
-def store(request):  # noqa: F811  (replaces the suite's fixture: this module runs the local store only)
-    """A function running ``body(db)`` on a fresh, empty local-folder store."""
-    factory = contract.STORE_FACTORIES[request.param]
-
-    def run(body: Callable[[AsyncDatabase], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            db = await factory(request)
-            try:
-                await db.clear()
-                return await body(db)
-            finally:
-                await db.clear()
-                await db.close()
-
-        return asyncio.run(main())
-
-    return run
+store = contract.store_fixture("local")  # noqa: F811  (this module runs the suite on a local folder only)
 
 
 def _run(coro):
