@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .elasticsearch import ElasticsearchBackend
 from .errors import ConfigurationError
-from .records_model import Record, RecordError, normalize_id
+from .records_model import Record, RecordError, batch_item
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -422,15 +422,7 @@ def record_from_source(record_id: str, source: Mapping[str, Any]) -> Record:
 def prepare(index: int, item: Any, *, pairs: bool) -> tuple[str | None, dict[str, Any]] | RecordError:
     """``(id or None, document fields)`` of one item (src, meta and the indexed view), or why it cannot be stored."""
     try:
-        if pairs and isinstance(item, tuple):
-            if len(item) != 2 or not isinstance(item[1], Record):
-                raise ConfigurationError("expected (id, Record)")
-            record_id, record = normalize_id(item[0]), item[1]
-        elif isinstance(item, Record):
-            record = item
-            record_id = record.storage_id()
-        else:
-            raise ConfigurationError(f"expected a Record{' or (id, Record)' if pairs else ''}, got {type(item).__name__}")
+        record_id, record = batch_item(item, pairs=pairs)
         for name in record.fields:
             if type(name) is not str:
                 raise TypeError(f"field names are strings, got {name!r}")

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigurationError
 from .records import AsyncDatabase, coerce_ids
-from .records_model import BatchResult, Record, RecordError, is_flat, normalize_id, private_copy
+from .records_model import BatchResult, Record, RecordError, batch_item, is_flat, normalize_id, private_copy
 from .records_query import Query
 from .records_reference import compile_filter, order_items, project
 
@@ -278,17 +278,7 @@ def _prepare(items: Iterable[Any], *, pairs: bool = False) -> list[Any]:
     prepared: list[Any] = []
     for index, item in enumerate(items):
         try:
-            if pairs and isinstance(item, tuple):
-                if len(item) != 2 or not isinstance(item[1], Record):
-                    raise ConfigurationError("expected (id, Record)")
-                record_id, record = normalize_id(item[0]), item[1]
-            elif isinstance(item, Record):
-                record = item
-                record_id = record.storage_id()
-            else:
-                raise ConfigurationError(
-                    f"expected a Record{' or (id, Record)' if pairs else ''}, got {type(item).__name__}"
-                )
+            record_id, record = batch_item(item, pairs=pairs)
             flat = is_flat(record.fields)
             fields = dict(record.fields) if flat else private_copy(record.fields)
             for name in fields:

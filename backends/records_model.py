@@ -38,6 +38,18 @@ def normalize_id(value: Any) -> str:
     raise ConfigurationError(f"a record id is a non-empty string or an int, got {value!r}", path="record.id")
 
 
+def batch_item(item: Any, *, pairs: bool) -> tuple["str | None", "Record"]:
+    """The id and record of one batch item: a Record (its storage id, None when it has none)
+    or, where ``pairs`` allows, an ``(id, Record)`` pair; ConfigurationError for anything else."""
+    if pairs and isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[1], Record):
+            raise ConfigurationError("expected (id, Record)")
+        return normalize_id(item[0]), item[1]
+    if isinstance(item, Record):
+        return item.storage_id(), item
+    raise ConfigurationError(f"expected a Record{' or (id, Record)' if pairs else ''}, got {type(item).__name__}")
+
+
 def private_copy(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy the caller cannot change behind the store's back (deep only where needed)."""
     immutable = _IMMUTABLE

@@ -33,7 +33,7 @@ import orjson
 import pyarrow as pa
 
 from .errors import ConfigurationError
-from .records_model import Record, RecordError, normalize_id
+from .records_model import Record, RecordError, batch_item
 
 __all__ = [
     "ID",
@@ -289,15 +289,7 @@ Prepared = tuple[int, "str | None", dict, str, "str | None"]
 def prepare_record(index: int, item: Any, *, pairs: bool) -> Prepared | RecordError:
     """``(index, id or None, fields, fields JSON, metadata JSON)`` of one item, or why it cannot be stored."""
     try:
-        if pairs and isinstance(item, tuple):
-            if len(item) != 2 or not isinstance(item[1], Record):
-                raise ConfigurationError("expected (id, Record)")
-            record_id, record = normalize_id(item[0]), item[1]
-        elif isinstance(item, Record):
-            record = item
-            record_id = record.storage_id()
-        else:
-            raise ConfigurationError(f"expected a Record{' or (id, Record)' if pairs else ''}, got {type(item).__name__}")
+        record_id, record = batch_item(item, pairs=pairs)
         fields = record.fields
         text = encode(fields)
         metadata = encode(record.metadata) if record.metadata else None

@@ -37,7 +37,7 @@ from .postgres import POOL_KIND, PostgresBackend, _asyncpg_stats
 from .postgres_copy import translate_error
 from .postgres_sql import quote_ident
 from .records import AsyncDatabase, coerce_ids
-from .records_model import BatchResult, Record, RecordError, normalize_id
+from .records_model import BatchResult, Record, RecordError, batch_item, normalize_id
 from .records_query import Query
 from .records_reference import compile_filter, order_items, project, split_filter
 
@@ -601,15 +601,7 @@ Prepared = tuple[int, "str | None", str, "str | None"]
 def _prepare_one(index: int, item: Any, *, pairs: bool) -> Prepared | RecordError:
     """``(index, id or None, data JSON, metadata JSON)`` of one item, or why it cannot be stored."""
     try:
-        if pairs and isinstance(item, tuple):
-            if len(item) != 2 or not isinstance(item[1], Record):
-                raise ConfigurationError("expected (id, Record)")
-            record_id, record = normalize_id(item[0]), item[1]
-        elif isinstance(item, Record):
-            record = item
-            record_id = record.storage_id()
-        else:
-            raise ConfigurationError(f"expected a Record{' or (id, Record)' if pairs else ''}, got {type(item).__name__}")
+        record_id, record = batch_item(item, pairs=pairs)
         data = rsql.encode_fields(record.fields)
         metadata = rsql.encode_fields(record.metadata) if record.metadata else None
         return (index, record_id, data, metadata)
