@@ -1,7 +1,7 @@
 # Two commands set up a fresh machine:
 #   make demo   create .venv, install Ferry (pinned by constraints.txt) and run the demo job
-#   make test   create .venv if needed, install the test extras (and PostgreSQL 15 from Debian's
-#               packages when missing) and run the whole test suite
+#   make test   create .venv if needed, install the test extras (and PostgreSQL 15 and chromium, for
+#               the Prefect UI tests, from Debian's packages when missing) and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

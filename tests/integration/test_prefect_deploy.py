@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from tests.integration.es_server import es_server  # noqa: F401  (fixture)
+from tests.integration.pg_server import postgres_server  # noqa: F401  (fixture)
 from tests.integration.prefect_server import PrefectServer, prefect_server  # noqa: F401  (fixture)
+from tests.integration.s3_server import TEST_KEY, TEST_SECRET, s3_server  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,27 +23,12 @@ pytestmark = pytest.mark.integration
 
 
 def _wait_for_flow_run(server: PrefectServer, flow_run_id: str, timeout: float = 420) -> dict:
-    deadline = time.monotonic() + timeout
-    with server.api() as api:
-        while time.monotonic() < deadline:
-            run = api.get(f"/flow_runs/{flow_run_id}").json()
-            if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                return run
-            time.sleep(1)
-    pytest.fail(f"flow run {flow_run_id} did not finish in {timeout} s")
+    return server.wait_for_flow_run(flow_run_id, timeout=timeout)
 
 
 def _deployed_project(server: PrefectServer, tmp_path: Path) -> Path:
-    """A copy of the repository's prefect.yaml and demo job, deployed to the server."""
-    project = tmp_path / "project"
-    (project / "configs").mkdir(parents=True)
-    shutil.copy(REPO / "prefect.yaml", project / "prefect.yaml")
-    shutil.copy(REPO / "configs" / "demo.yaml", project / "configs" / "demo.yaml")
-    with server.api() as api:
-        if api.get("/work_pools/ferry-process").status_code == 404:
-            server.cli("work-pool", "create", "ferry-process", "--type", "process")
-    server.cli("--no-prompt", "deploy", "--all", cwd=project)
-    return project
+    """A copy of the repository's prefect.yaml and job files, deployed to the server."""
+    return server.deploy_project(tmp_path / "project")
 
 
 def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: PrefectServer, tmp_path):  # noqa: F811
@@ -48,9 +36,13 @@ def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: Prefec
 
     with prefect_server.api() as api:
         deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
-    assert {"demo-nightly", "migrate-job"} <= set(deployments)
-    assert deployments["demo-nightly"]["entrypoint"] == "ferry.flows.migrate:migrate"
-    assert deployments["demo-nightly"]["schedules"], "demo-nightly must be scheduled"
+    assert {"demo-nightly", "migrate-job", "pg-archive-nightly", "pg-to-index-hourly"} <= set(deployments)
+    scheduled = {name for name, d in deployments.items() if d["schedules"]}
+    assert len(deployments) >= 4 and len(scheduled) >= 3, scheduled
+    assert {"demo-nightly", "pg-archive-nightly", "pg-to-index-hourly"} <= scheduled
+    assert {d["entrypoint"] for d in deployments.values()} == {"ferry.flows.migrate:migrate"}
+    crons = {name: [s["schedule"]["cron"] for s in deployments[name]["schedules"]] for name in scheduled}
+    assert crons["pg-to-index-hourly"] == ["0 * * * *"]
 
     worker = prefect_server.start_worker("ferry-process", cwd=project)
     started = prefect_server.cli("deployment", "run", "ferry-migrate/demo-nightly", cwd=project)
@@ -112,10 +104,18 @@ def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectSe
 
 
 def test_blocks_register_and_a_saved_block_runs_a_job(prefect_server: PrefectServer, tmp_path):  # noqa: F811
-    result = prefect_server.cli("block", "register", "-m", "ferry.backends")
+    result = prefect_server.cli("block", "register", "-m", "ferry.backends.registry")  # as the README says
     with prefect_server.api() as api:
-        slugs = {b["slug"] for b in api.post("/block_types/filter", json={}).json()}
-    assert {"ferry-memory", "ferry-object-store"} <= slugs, result.stdout
+        types = {b["slug"]: b for b in api.post("/block_types/filter", json={}).json()}
+    ferry_types = {slug: b for slug, b in types.items() if slug.startswith("ferry-")}
+    assert set(ferry_types) == {
+        "ferry-memory", "ferry-object-store", "ferry-postgres", "ferry-elasticsearch", "ferry-opensearch"
+    }, result.stdout
+    for block_type in ferry_types.values():
+        # What the UI shows for each block type: a logo, a docs link, a description and a code example.
+        assert block_type["logo_url"].endswith(".png")
+        assert block_type["documentation_url"].startswith("https://")
+        assert block_type["description"] and 'load("BLOCK_NAME")' in block_type["code_example"]
 
     # Save a block through the API client, then name it in a job file.
     (tmp_path / "save.py").write_text(
@@ -137,3 +137,69 @@ def test_blocks_register_and_a_saved_block_runs_a_job(prefect_server: PrefectSer
     assert run.returncode == 0, run.stderr
     assert '"status": "passed"' in run.stdout
     assert list((tmp_path / "lake" / "orders").rglob("*.parquet"))
+
+
+def _readme_block_script() -> str:
+    """The README's `save_blocks.py`: the python block that saves the blocks the deployments name."""
+    readme = (REPO / "README.md").read_text()
+    scripts = [s for s in re.findall(r"```python\n(.*?)```", readme, re.S) if '.save("warehouse"' in s]
+    assert len(scripts) == 1, "the README shows one script saving the `warehouse` block"
+    return scripts[0]
+
+
+def test_the_postgres_deployments_run_with_the_blocks_the_readme_saves(
+    prefect_server: PrefectServer, postgres_server, s3_server, es_server, tmp_path  # noqa: F811
+):
+    """pg-archive-nightly and pg-to-index-hourly, run by a worker, with blocks saved as the README shows."""
+    project = _deployed_project(prefect_server, tmp_path)
+    # The table both jobs read: 20,000 generated orders loaded into PostgreSQL.
+    pg = postgres_server.settings()
+    (project / "load.yaml").write_text(
+        "name: load-orders\n"
+        "source: {backend: memory, dataset: orders, generate: {rows: 20000, seed: 7}}\n"
+        f"target: {{backend: postgres, host: {pg['host']}, port: {pg['port']}, user: {pg['user']}, "
+        f"database: {pg['database']}, dataset: orders}}\n"
+        "mode: replace\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-m", "ferry.flows.cli", "run", "load.yaml"],
+        cwd=project, env=prefect_server.env, capture_output=True, text=True, timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+
+    bucket = s3_server.new_bucket("archive")
+    env = prefect_server.env
+    env.update(
+        PGHOST=pg["host"], PGPORT=str(pg["port"]), PGDATABASE=pg["database"], PGUSER=pg["user"],
+        PGPASSWORD="not-checked-by-trust-auth",
+        ARCHIVE_URL=f"s3://{bucket}/ferry", AWS_ACCESS_KEY_ID=TEST_KEY, AWS_SECRET_ACCESS_KEY=TEST_SECRET,
+        S3_ENDPOINT_URL=s3_server.endpoint_url, ES_HOSTS=es_server,
+    )
+    (project / "save_blocks.py").write_text(_readme_block_script())
+    saved = subprocess.run(
+        [sys.executable, "save_blocks.py"], cwd=project, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert saved.returncode == 0, saved.stderr
+
+    worker = prefect_server.start_worker("ferry-process", cwd=project)
+    runs = {}
+    for name in ("pg-archive-nightly", "pg-to-index-hourly"):
+        started = prefect_server.cli("deployment", "run", f"ferry-migrate/{name}", cwd=project)
+        runs[name] = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    finished = {name: _wait_for_flow_run(prefect_server, run_id) for name, run_id in runs.items()}
+    prefect_server.stop_worker(worker)
+    for name, run in finished.items():
+        assert run["state_type"] == "COMPLETED", (name, run["state"], prefect_server.worker_output(worker)[-3000:])
+
+    # Parquet on S3: one published version holding every row.
+    keys = s3_server.keys(bucket, "ferry/orders/")
+    assert "ferry/orders/_ferry/CURRENT" in keys
+    assert any(k.endswith(".parquet") for k in keys)
+    # The Elasticsearch alias `orders` answers with every row.
+    assert httpx.get(f"{es_server}/orders/_count", timeout=30).json()["count"] == 20_000
+    with prefect_server.api() as api:
+        for name, run_id in runs.items():
+            artifacts = api.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+            summary = next(a for a in artifacts if a["key"] == f"ferry-{name}-summary")
+            assert "Verification**: passed" in summary["data"], summary["data"]
+            assert "**Rows**: 20,000 read, 20,000 written" in summary["data"], summary["data"]
