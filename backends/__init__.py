@@ -14,8 +14,10 @@ from .errors import (
     RunInterrupted,
     TransientBackendError,
 )
+from .elasticsearch import ElasticsearchBackend, OpenSearchBackend
 from .memory import MemoryBackend, memory_store
 from .objectstore import ObjectStoreBackend
+from .postgres import PostgresBackend
 from .pools import get_pool_count, get_pool_info, pool_manager
 from .registry import BACKENDS, backend_class
 from .stream import StreamConfig
@@ -26,11 +28,14 @@ __all__ = [
     "Capabilities",
     "ConfigurationError",
     "DataError",
+    "ElasticsearchBackend",
     "FerryError",
     "MemoryBackend",
     "ObjectStoreBackend",
+    "OpenSearchBackend",
     "Partition",
     "PermanentBackendError",
+    "PostgresBackend",
     "RejectLimitExceeded",
     "RunInterrupted",
     "StreamConfig",

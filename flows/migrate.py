@@ -126,9 +126,16 @@ async def verify_task(
 async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Move a dataset from a source to a target as described by a job.
 
-    ``job`` is a :class:`JobSpec` or the path of a job file; ``overrides``
-    are ``key=value`` settings applied on top (like ``ferry run --set``).
     Returns the run summary (also published as Prefect artifacts).
+
+    Args:
+        job: The job: the path of a job file (relative to the worker's folder),
+            or the job's settings (source, target, where, transforms, mode,
+            stream). Secrets come from saved blocks or ${ENV} references.
+        overrides: Settings applied on top of the job, as key=value
+            (like `ferry run --set`), e.g. stream.parallel=4.
+        run_id: The run id that names files and rejects; a new one when empty.
+            Give a failed run's id to resume it.
     """
     if isinstance(job, (str, os.PathLike)):
         job = load_job(job, overrides)

@@ -104,7 +104,7 @@ def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectSe
 
 
 def test_blocks_register_and_a_saved_block_runs_a_job(prefect_server: PrefectServer, tmp_path):  # noqa: F811
-    result = prefect_server.cli("block", "register", "-m", "ferry.backends.registry")  # as the README says
+    result = prefect_server.cli("block", "register", "-m", "ferry.backends")  # as the README says
     with prefect_server.api() as api:
         types = {b["slug"]: b for b in api.post("/block_types/filter", json={}).json()}
     ferry_types = {slug: b for slug, b in types.items() if slug.startswith("ferry-")}

@@ -173,7 +173,7 @@ def test_run_a_job_from_the_deployment_form_and_see_blocks_in_the_ui(
     from playwright.sync_api import expect
 
     server = prefect_server_ui
-    server.cli("block", "register", "-m", "ferry.backends.registry")
+    server.cli("block", "register", "-m", "ferry.backends")
     server.deploy_project(project)
     _save_blocks(server, project)
     worker = server.start_worker("ferry-process", cwd=project)
