@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote as urlquote
 
@@ -61,6 +62,10 @@ class PostgresIndex(BaseModel):
     unique: bool = Field(False, description="A unique index.")
     where: str | None = Field(None, description="SQL predicate of a partial index (job text, not escaped).")
     name: str | None = Field(None, description="Index name; derived from the table and columns when omitted.")
+
+
+#: A PostgreSQL run-time parameter name (``log_min_duration_statement``, ``auto_explain.log_min_duration``).
+_SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")
 
 
 class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
@@ -156,6 +161,14 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
         "fail", description="Reading 'infinity' dates and timestamps: fail with the column named, or read them as null."
     )
     application_name: str = Field("ferry", description="application_name of Ferry's sessions.")
+    session_settings: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "PostgreSQL settings for Ferry's own sessions, e.g. {log_min_duration_statement: 250ms, "
+            "log_statement: ddl} to profile them; superuser-only settings need a superuser or "
+            "GRANT SET ON PARAMETER (PostgreSQL 15)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_pool(self) -> "PostgresBackend":
@@ -178,6 +191,11 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
             raise ValueError(f"connection_timeout (timeout) must be positive, got {self.connection_timeout}")
         if self.command_timeout is not None and self.command_timeout <= 0:
             raise ValueError(f"command_timeout must be positive, got {self.command_timeout}")
+        for name in self.session_settings:
+            if not _SETTING_NAME.fullmatch(name):
+                raise ValueError(f"session_settings: {name!r} is not a PostgreSQL setting name")
+            if name.lower() in ("application_name", "timezone"):
+                raise ValueError(f"session_settings: {name} is set by Ferry (use application_name for the name)")
         return self
 
     # -- description -------------------------------------------------------------------------
@@ -229,6 +247,10 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
         # Filter literals are rendered for COPY (which takes no bind parameters):
         # standard_conforming_strings makes '' the only escape.
         setup = ["SET standard_conforming_strings = on", "SET TIME ZONE 'UTC'"]
+        setup += [
+            f"SELECT set_config({sql.render_text_literal(name)}, {sql.render_text_literal(value)}, false)"
+            for name, value in self.session_settings.items()
+        ]
         if self.command_timeout is not None:
             setup.append(f"SET statement_timeout = {int(self.command_timeout * 1000)}")
         return setup
@@ -255,7 +277,7 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
                 command_timeout=self.command_timeout,
                 max_queries=self.max_queries,
                 max_inactive_connection_lifetime=self.max_inactive_connection_lifetime,
-                server_settings={"application_name": self.application_name, "TimeZone": "UTC"},
+                server_settings={**self.session_settings, "application_name": self.application_name, "TimeZone": "UTC"},
             )
         except Exception as exc:
             raise self._connect_error(exc) from None
@@ -267,6 +289,14 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
             return ConfigurationError(f"PostgreSQL at {where} refused the login ({exc}); check user and password")
         if state == "3D000":
             return ConfigurationError(f"PostgreSQL at {where}: {exc}; check `database`")
+        if state in ("42501", "42704", "22023") and self.session_settings:
+            # Raised while the session applies session_settings (permission denied to set a
+            # superuser-only parameter, an unknown parameter, or a value it does not take).
+            return ConfigurationError(
+                f"PostgreSQL at {where} refused session_settings ({exc}); remove the setting, fix its value, "
+                f"or let the role set it (GRANT SET ON PARAMETER <name> TO {self.user})",
+                path="session_settings",
+            )
         return TransientBackendError(
             f"cannot connect to PostgreSQL at {where} ({type(exc).__name__}: {exc}); "
             "check host, port and sslmode, and that the server is running"

@@ -135,6 +135,48 @@ def test_pool_info_reports_both_pools(postgres_server):
     asyncio.run(scenario())
 
 
+def test_session_settings_reach_both_pools_and_a_role_without_the_right_is_told_what_to_grant(postgres_server):
+    profiling = {"log_min_duration_statement": "250ms", "log_statement": "ddl"}
+
+    async def applied(block: PostgresBackend) -> tuple[list[str], list[str]]:
+        async with block:
+            async with block._pool().acquire() as conn:
+                on_asyncpg = [await conn.fetchval(f"SHOW {name}") for name in profiling]
+            adbc = block._adbc()
+            conn = adbc.acquire()
+            try:
+                with conn.cursor() as cur:
+                    on_adbc = []
+                    for name in profiling:
+                        cur.execute(f"SELECT current_setting('{name}')")
+                        on_adbc.append(cur.fetchone()[0])
+            finally:
+                adbc.release(conn)
+            return on_asyncpg, on_adbc
+
+    assert asyncio.run(applied(_backend(postgres_server, session_settings=profiling))) == (
+        ["250ms", "ddl"], ["250ms", "ddl"]
+    )
+
+    sql(
+        postgres_server,
+        "DROP ROLE IF EXISTS profiler",
+        "CREATE ROLE profiler LOGIN",
+        "REVOKE SET ON PARAMETER log_min_duration_statement, log_statement FROM profiler",
+    )
+    unprivileged = _backend(postgres_server, user="profiler", session_settings=profiling)
+    with pytest.raises(ConfigurationError, match="GRANT SET ON PARAMETER <name> TO profiler") as caught:
+        asyncio.run(applied(unprivileged))
+    assert caught.value.path == "session_settings" and "log_" in str(caught.value)
+    sql(postgres_server, "GRANT SET ON PARAMETER log_min_duration_statement, log_statement TO profiler")
+    assert asyncio.run(applied(unprivileged))[0] == ["250ms", "ddl"]
+
+    with pytest.raises(ValidationError, match="set by Ferry"):
+        _backend(postgres_server, session_settings={"TimeZone": "CET"})
+    with pytest.raises(ValidationError, match="not a PostgreSQL setting name"):
+        _backend(postgres_server, session_settings={"log_statement; DROP": "all"})
+
+
 def test_replace_with_a_pool_of_one_is_refused_naming_the_setting(postgres_server):
     table = pa.table({"id": pa.array([1, 2], pa.int64())})
 
