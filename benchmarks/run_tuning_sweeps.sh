@@ -45,7 +45,7 @@ started=$SECONDS
 bench memory-to-postgres --rows "$PG_ROWS" \
     --vary batch_size=8192,32768,65536,131072 --vary buffer_size=1,4,16 --vary parallel=1,2,4,8
 # PostgreSQL pool size with 4 partitions in flight. A replace write holds one pooled connection for its
-# run lock, so max_connections=1 cannot serve it (the run waits for connection_timeout, then fails).
+# run lock, so it refuses max_connections=1.
 bench memory-to-postgres --rows "$PG_ROWS" --parallel 4 --vary postgres.max_connections=2,4,8
 # PostgreSQL reads: one key-range partition per parallel slot.
 bench postgres-to-memory --rows "$PG_ROWS" --vary parallel=1,2,4
