@@ -50,7 +50,7 @@ from .records import AsyncDatabase, coerce_ids
 from .records_elasticsearch_index import SLOWLOG_SETTINGS, ElasticsearchRecordSettings
 from .records_model import BatchResult, Record, RecordError, normalize_id
 from .records_query import Query
-from .records_reference import compile_filter, order_items, project
+from .records_reference import compile_filter, ordered_batches, project
 
 __all__ = ["ElasticsearchRecordStore", "OpenSearchRecordStore", "ElasticsearchRecordSettings", "SLOWLOG_SETTINGS"]
 
@@ -533,20 +533,7 @@ class ElasticsearchRecordStore(AsyncDatabase):
                 record = ri.record_from_source(hit["_id"], hit.get("_source") or {})
                 if plan.keep is None or plan.keep(record.fields):
                     matches[record.id] = record
-        ordered = order_items(
-            ((key, record.fields) for key, record in matches.items()),
-            query.sort_keys,
-            offset=query.offset_value,
-            limit=query.limit_value,
-        )
-        select = query.select_fields
-        for start in range(0, len(ordered), batch_size):
-            batch = []
-            for key, fields in ordered[start : start + batch_size]:
-                record = matches[key]
-                if select is not None:
-                    record.fields = project(fields, select)
-                batch.append(record)
+        for batch in ordered_batches(matches, query, batch_size):
             yield batch
 
     # -- pools -----------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from .records_objectstore_layout import (
 from .records_objectstore_pushdown import prefilter
 from .records_objectstore_settings import ObjectStoreRecordSettings, split_config
 from .records_query import Query
-from .records_reference import compile_filter, order_items, project
+from .records_reference import compile_filter, ordered_batches, project
 from .stream import thread_call
 
 __all__ = ["ObjectStoreRecordStore", "ObjectStoreRecordSettings", "CompactionResult"]
@@ -450,15 +450,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
         source = self._matches(query, max(batch_size, 1024) if query.sort_keys else SCAN_ROWS)
         if query.sort_keys:
             matches: list[Record] = await self._call("searching records", _drain, source)
-            by_id = {record.id: record for record in matches}
-            ordered = order_items(((r.id, r.fields) for r in matches), query.sort_keys, offset=offset, limit=limit)
-            del matches
-            for start in range(0, len(ordered), batch_size):
-                batch = []
-                for key, fields in ordered[start : start + batch_size]:
-                    record = by_id[key]
-                    record.fields = project(fields, select)
-                    batch.append(record)
+            for batch in ordered_batches({record.id: record for record in matches}, query, batch_size):
                 yield batch
             return
         skipped = produced = 0

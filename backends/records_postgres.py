@@ -39,7 +39,7 @@ from .postgres_sql import quote_ident
 from .records import AsyncDatabase, coerce_ids
 from .records_model import BatchResult, Record, RecordError, batch_item, normalize_id
 from .records_query import Query
-from .records_reference import compile_filter, order_items, project, split_filter
+from .records_reference import compile_filter, ordered_batches, project, split_filter
 
 __all__ = ["PostgresRecordStore", "RecordIndex", "PostgresRecordSettings"]
 
@@ -496,19 +496,7 @@ class PostgresRecordStore(AsyncDatabase):
                 record = _record(row[0], row[1], row[2])
                 if keep is None or keep(record.fields):
                     matches[record.id] = record
-        ordered = order_items(
-            ((key, record.fields) for key, record in matches.items()),
-            query.sort_keys,
-            offset=query.offset_value,
-            limit=query.limit_value,
-        )
-        select = query.select_fields
-        for start in range(0, len(ordered), batch_size):
-            batch = []
-            for key, fields in ordered[start : start + batch_size]:
-                record = matches[key]
-                record.fields = project(fields, select)
-                batch.append(record)
+        for batch in ordered_batches(matches, query, batch_size):
             yield batch
 
     # -- the guide's SQL helpers and indexes -------------------------------------------------

@@ -30,7 +30,7 @@ import math
 import re
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .errors import ConfigurationError
 from .filters import And, Comparison, Filter, Not, Or
@@ -448,6 +448,28 @@ def order_items(
         return top[offset:]
     ordered = sorted(items, key=key)
     return ordered[offset:] if offset else ordered
+
+
+def ordered_batches(records: Mapping[str, Any], query: Query, batch_size: int) -> Iterator[list[Any]]:
+    """Records (id -> record with ``fields``) in the query's order, offset, limit and select applied, in batches.
+
+    For stores that sort their matches in process; the records' ``fields`` are
+    replaced by their projection.
+    """
+    ordered = order_items(
+        ((key, record.fields) for key, record in records.items()),
+        query.sort_keys,
+        offset=query.offset_value,
+        limit=query.limit_value,
+    )
+    select = query.select_fields
+    for start in range(0, len(ordered), batch_size):
+        batch = []
+        for key, fields in ordered[start : start + batch_size]:
+            record = records[key]
+            record.fields = project(fields, select)
+            batch.append(record)
+        yield batch
 
 
 def project(fields: Mapping[str, Any], select: Sequence[str] | None) -> dict[str, Any]:
