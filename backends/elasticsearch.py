@@ -32,7 +32,7 @@ from .elasticsearch_mapping import META_KEY, array_paths, decode_schema, decode_
 from .elasticsearch_query import to_query
 from .errors import ConfigurationError, FerryError
 from .filters import Filter, filter_batch
-from .logos import docs_url, logo_url
+from .logos import code_example, docs_url, logo_url
 from .pools import pool_manager
 
 logger = logging.getLogger("ferry.elasticsearch")
@@ -55,23 +55,9 @@ class ElasticsearchBackend(Backend):
     _description = "Elasticsearch or OpenSearch indexes: parallel bulk loads, sliced point-in-time reads, alias swaps."
     _logo_url = logo_url("elasticsearch.png")
     _documentation_url = docs_url("elasticsearch.md")
-    _code_example = """
-    Name the saved block in a job file:
-
-    ```yaml
-    target:
-      block: ferry-elasticsearch/BLOCK_NAME
-      dataset: orders
-    ```
-
-    or load it in Python:
-
-    ```python
-    from ferry.backends.elasticsearch import ElasticsearchBackend
-
-    elasticsearch = ElasticsearchBackend.load("BLOCK_NAME")
-    ```
-    """
+    _code_example = code_example(
+        "ferry-elasticsearch", "ferry.backends.elasticsearch", "ElasticsearchBackend", "elasticsearch", side="target"
+    )
 
     kind: ClassVar[str] = "elasticsearch"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True, pushdown_filters=True)
@@ -489,23 +475,9 @@ class OpenSearchBackend(ElasticsearchBackend):
     _description = "OpenSearch indexes: parallel bulk loads, sliced point-in-time reads, alias swaps."
     _logo_url = logo_url("opensearch.png")
     _documentation_url = docs_url("elasticsearch.md")
-    _code_example = """
-    Name the saved block in a job file:
-
-    ```yaml
-    target:
-      block: ferry-opensearch/BLOCK_NAME
-      dataset: orders
-    ```
-
-    or load it in Python:
-
-    ```python
-    from ferry.backends.elasticsearch import OpenSearchBackend
-
-    opensearch = OpenSearchBackend.load("BLOCK_NAME")
-    ```
-    """
+    _code_example = code_example(
+        "ferry-opensearch", "ferry.backends.elasticsearch", "OpenSearchBackend", "opensearch", side="target"
+    )
 
     kind: ClassVar[str] = "opensearch"
 

@@ -25,7 +25,7 @@ from .base import Backend, Capabilities, Partition, WriteContext, WriteMode, Wri
 from .errors import ConfigurationError
 from .filters import Filter, columns_to_read, filter_batch
 from .generator import ORDERS_SCHEMA, generate_batches
-from .logos import docs_url, logo_url
+from .logos import code_example, docs_url, logo_url
 from .stream import thread_call
 
 
@@ -117,23 +117,9 @@ class MemoryBackend(Backend):
     _description = "Named in-process datasets, Ferry's deterministic data generator and a counting sink."
     _logo_url = logo_url("memory.png")
     _documentation_url = docs_url("jobs.md")
-    _code_example = """
-    Name the saved block in a job file:
-
-    ```yaml
-    source:
-      block: ferry-memory/BLOCK_NAME
-      dataset: orders
-    ```
-
-    or load it in Python:
-
-    ```python
-    from ferry.backends.memory import MemoryBackend
-
-    memory_block = MemoryBackend.load("BLOCK_NAME")
-    ```
-    """
+    _code_example = code_example(
+        "ferry-memory", "ferry.backends.memory", "MemoryBackend", "memory_block", side="source"
+    )
 
     kind: ClassVar[str] = "memory"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True)

@@ -88,7 +88,7 @@ from .objectstore_plan import (
     unify_file_schemas,
 )
 from .objectstore_writers import DatasetWriter, check_partition_columns, parse_hive_values
-from .logos import docs_url, logo_url
+from .logos import code_example, docs_url, logo_url
 from .stream import thread_call
 
 META_DIR = "_ferry"
@@ -136,23 +136,9 @@ class ObjectStoreBackend(Backend):
     )
     _logo_url = logo_url("object-store.png")
     _documentation_url = docs_url("object-stores.md")
-    _code_example = """
-    Name the saved block in a job file:
-
-    ```yaml
-    target:
-      block: ferry-object-store/BLOCK_NAME
-      dataset: orders
-    ```
-
-    or load it in Python:
-
-    ```python
-    from ferry.backends.objectstore import ObjectStoreBackend
-
-    objectstore_block = ObjectStoreBackend.load("BLOCK_NAME")
-    ```
-    """
+    _code_example = code_example(
+        "ferry-object-store", "ferry.backends.objectstore", "ObjectStoreBackend", "objectstore_block", side="target"
+    )
 
     kind: ClassVar[str] = "objectstore"
     capabilities: ClassVar[Capabilities] = Capabilities(

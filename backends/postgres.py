@@ -40,7 +40,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from . import postgres_sql as sql
 from .base import Backend, Capabilities
 from .errors import ConfigurationError, FerryError, TransientBackendError
-from .logos import docs_url, logo_url
+from .logos import code_example, docs_url, logo_url
 from .pools import pool_manager
 from .postgres_copy import AdbcConnectionPool, translate_error
 from .postgres_read import PostgresReadMixin
@@ -76,23 +76,9 @@ class PostgresBackend(PostgresReadMixin, PostgresWriteMixin, Backend):
     _description = "PostgreSQL tables read and written as Arrow through binary COPY, with pooled connections."
     _logo_url = logo_url("postgres.png")
     _documentation_url = docs_url("postgres.md")
-    _code_example = """
-    Name the saved block in a job file:
-
-    ```yaml
-    source:
-      block: ferry-postgres/BLOCK_NAME
-      dataset: orders
-    ```
-
-    or load it in Python:
-
-    ```python
-    from ferry.backends.postgres import PostgresBackend
-
-    postgres_block = PostgresBackend.load("BLOCK_NAME")
-    ```
-    """
+    _code_example = code_example(
+        "ferry-postgres", "ferry.backends.postgres", "PostgresBackend", "postgres_block", side="source"
+    )
 
     kind: ClassVar[str] = "postgres"
     capabilities: ClassVar[Capabilities] = Capabilities(pushdown_columns=True, pushdown_filters=True)

@@ -36,3 +36,24 @@ def logo_path(file_name: str) -> Path:
 def docs_url(page: str) -> str:
     """The public URL of a user guide page, e.g. ``docs_url("postgres.md")``."""
     return f"{SOURCE_URL}/blob/main/docs/{page}"
+
+
+def code_example(slug: str, module: str, class_name: str, variable: str, side: str = "source") -> str:
+    """The UI's code example of a block type: naming a saved block in a job file, and loading it in Python."""
+    return f"""
+    Name the saved block in a job file:
+
+    ```yaml
+    {side}:
+      block: {slug}/BLOCK_NAME
+      dataset: orders
+    ```
+
+    or load it in Python:
+
+    ```python
+    from {module} import {class_name}
+
+    {variable} = {class_name}.load("BLOCK_NAME")
+    ```
+    """
