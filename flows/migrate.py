@@ -205,20 +205,22 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             for part in plan.partitions
         ]
         store_tags = sorted({source.concurrency_tag(), target.concurrency_tag()})
+        limited_tags = await tags_with_concurrency_limits(store_tags)
         logger.info(
-            "run %s: %d partition(s), parallel %d, store tags %s",
+            "run %s: %d partition(s), parallel %d, store tags %s (%s)",
             run_id,
             len(jobs),
             job.stream.parallel,
             ", ".join(store_tags),
+            "concurrency limits on " + ", ".join(limited_tags) if limited_tags else "no concurrency limits set",
         )
         reporter = asyncio.ensure_future(_log_progress(tracker))
         await target.begin_write(job.target.dataset, ctx)
         try:
             if job.runner == "threads":
-                results = await _run_in_threads(jobs, job, store_tags)
+                results = await _run_in_threads(jobs, job, limited_tags)
             else:
-                results = await _run_on_loop(jobs, job, store_tags)
+                results = await _run_on_loop(jobs, job, limited_tags)
         except BaseException as exc:
             reporter.cancel()
             await asyncio.shield(target.abort(job.target.dataset, ctx))
@@ -319,6 +321,33 @@ async def _run_in_threads(jobs: list[PartitionJob], job: JobSpec, tags: list[str
             for f in futures:
                 f.cancel()
             raise
+
+
+async def tags_with_concurrency_limits(tags: list[str]) -> list[str]:
+    """The store tags that have a Prefect tag concurrency limit (``tag:<tag>``), read once per run.
+
+    Prefect asks the API for a slot of every tag a task carries, limit or
+    not; on a busy server that round trip can stall a partition's start by
+    seconds (a retried 503 from the database). So partition tasks carry only
+    the tags that are limited. Should the lookup itself fail, every tag is
+    kept: a limit is then still honoured.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    limited = []
+    try:
+        async with get_client() as client:
+            for tag in tags:
+                try:
+                    await client.read_global_concurrency_limit_by_name(f"tag:{tag}")
+                except ObjectNotFound:
+                    continue
+                limited.append(tag)
+    except Exception as exc:
+        _logger().warning("could not read the tag concurrency limits (%s); partition tasks carry every store tag", exc)
+        return list(tags)
+    return limited
 
 
 def _partition_task(job: JobSpec, partition_id: str, tags: list[str]):

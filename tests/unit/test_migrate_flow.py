@@ -171,26 +171,56 @@ def test_run_publishes_partition_table_and_summary_artifacts(tmp_path):
     assert "Verification**: passed" in str(artifacts["ferry-artifact-check-summary"].data)
 
 
-def test_partition_tasks_carry_one_store_tag_each(tmp_path):
+def _task_runs_tagged(tag):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterTags
 
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[tag])))
+
+    return sorted(r.name for r in asyncio.run(read()))
+
+
+def _set_tag_limit(tag, limit):
+    from prefect.client.orchestration import get_client
+
+    async def create():
+        async with get_client() as client:
+            if limit is None:
+                await client.delete_global_concurrency_limit_by_name(f"tag:{tag}")
+            else:
+                await client.upsert_global_concurrency_limit_by_name(f"tag:{tag}", limit)
+
+    asyncio.run(create())
+
+
+def test_partition_tasks_carry_the_store_tag_that_has_a_concurrency_limit(tmp_path):
     from ferry.flows.spec import build_backend
 
     job = job_from_dict(_job(tmp_path, name="tag-check"))
-    summary = asyncio.run(migrate(job=job))
     target_tag = asyncio.run(build_backend(job.target)).concurrency_tag()
+    source_tag = asyncio.run(build_backend(job.source)).concurrency_tag()
     assert target_tag.startswith("ferry-objectstore-")
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_task_runs(
-                task_run_filter=TaskRunFilter(tags=TaskRunFilterTags(all_=[target_tag]))
-            )
-
+    _set_tag_limit(target_tag, 1)
+    try:
+        summary = asyncio.run(migrate(job=job))
+    finally:
+        _set_tag_limit(target_tag, None)
     # The stage tasks (read, transform, write) run inside a partition and carry no tag.
-    names = sorted(r.name for r in asyncio.run(read()))
-    assert names == sorted(f"partition {p['partition']}" for p in summary["partitions"])
+    assert _task_runs_tagged(target_tag) == sorted(f"partition {p['partition']}" for p in summary["partitions"])
+    # No limit on the source's tag: no task carries it (it would only cost a slot request per partition).
+    assert _task_runs_tagged(source_tag) == []
+
+
+def test_without_a_concurrency_limit_partition_tasks_carry_no_store_tag(tmp_path):
+    from ferry.flows.spec import build_backend
+
+    job = job_from_dict(_job(tmp_path, name="untagged-check"))
+    summary = asyncio.run(migrate(job=job))
+    assert summary["partitions"]
+    for endpoint in (job.source, job.target):
+        assert _task_runs_tagged(asyncio.run(build_backend(endpoint)).concurrency_tag()) == []
 
 
 def test_a_job_given_as_parameters_may_not_carry_a_secret(tmp_path, monkeypatch):
