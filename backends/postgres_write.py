@@ -523,8 +523,10 @@ class PostgresWriteMixin:
 class PartitionWriter:
     """One partition's write on one ADBC connection and transaction (runs in a worker thread)."""
 
-    #: Batches kept to name the row of a COPY error (the server reports a line number).
-    RECENT_BATCHES = 16
+    #: Bytes of the latest batches kept to name the row of a COPY error (the server reports a
+    #: line number). The newest batch is always kept; older ones go once this is exceeded, so a
+    #: partition in flight holds tens of MiB here, not a whole partition.
+    RECENT_BYTES = 64 * 1024 * 1024
 
     def __init__(self, state: dict[str, Any], ctx: WriteContext, partition_id: str, pull: Callable[[], pa.RecordBatch | None]) -> None:
         self.state = state
@@ -537,7 +539,8 @@ class PartitionWriter:
         self.rejected = 0
         #: An error raised by the incoming stream (re-raised as is).
         self.source_error: BaseException | None = None
-        self._recent: collections.deque[tuple[int, pa.RecordBatch]] = collections.deque(maxlen=self.RECENT_BATCHES)
+        self._recent: collections.deque[tuple[int, pa.RecordBatch]] = collections.deque()
+        self._recent_bytes = 0
 
     def _batches(self, first: pa.RecordBatch, schema: pa.Schema, extra_seq: bool):
         batch: pa.RecordBatch | None = first
@@ -548,11 +551,18 @@ class PartitionWriter:
             if extra_seq:
                 seq = pa.array(range(self.rows, self.rows + adapted.num_rows), pa.int64())
                 adapted = adapted.append_column("__ferry_seq", seq)
-            self._recent.append((self.rows, batch))
+            self._remember(batch)
             self.rows += batch.num_rows
             self.nbytes += batch.nbytes
             yield adapted
             batch = self.pull()
+
+    def _remember(self, batch: pa.RecordBatch) -> None:
+        """Keep ``batch`` (starting at row ``self.rows``) for :meth:`locate`, within ``RECENT_BYTES``."""
+        self._recent.append((self.rows, batch))
+        self._recent_bytes += batch.nbytes
+        while len(self._recent) > 1 and self._recent_bytes > self.RECENT_BYTES:
+            self._recent_bytes -= self._recent.popleft()[1].nbytes
 
     def locate(self, line: int, column: str | None) -> tuple[Any, Any]:
         """(row key, value) of the 1-based COPY ``line`` when its batch is still at hand."""
@@ -670,7 +680,7 @@ class PartitionWriter:
         batch: pa.RecordBatch | None = first
         while batch is not None:
             offset = self.rows
-            self._recent.append((offset, batch))
+            self._remember(batch)
             self.rows += batch.num_rows
             self.nbytes += batch.nbytes
             self._isolate(cur, batch, offset, schema, table, staged, insert, probe.schema)
