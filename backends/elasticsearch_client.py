@@ -20,6 +20,7 @@ Elasticsearch 8 and 9) serves both products, behind a small dialect layer:
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,13 @@ def translate_error(exc: BaseException, *, where: str, index: str | None = None)
         return TransientBackendError(
             f"request to {what} timed out: {exc}; raise `request_timeout_seconds` or check the cluster's load"
         )
+    refused = _certificate_failure(exc)
+    if refused is not None:  # a setting to fix, not a hiccup: retrying cannot help
+        return ConfigurationError(
+            f"the TLS certificate of {where} could not be verified ({refused}): set `ca_certs` to the CA file "
+            "that signed the cluster's certificate and use a host name the certificate names "
+            "(`verify_certs: false` skips the check; not for production)"
+        )
     if isinstance(exc, TransportConnectionError):
         return TransientBackendError(
             f"cannot reach {where}: {exc}; check `hosts` (or `cloud_id`) and that the cluster is running"
@@ -181,6 +189,24 @@ def translate_error(exc: BaseException, *, where: str, index: str | None = None)
     if isinstance(exc, TransportError):
         return TransientBackendError(f"transport error talking to {what}: {exc}")
     return PermanentBackendError(f"unexpected error talking to {what}: {exc!r}")
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused, when that is what ``exc`` is (else None).
+
+    The transport wraps the ssl error in its ``TlsError`` (``errors``), and
+    aiohttp in its own certificate error (``certificate_error``).
+    """
+    pending: list[Any] = [exc]
+    for _ in range(20):  # the chains are short; never loop on a cyclic one
+        if not pending:
+            return None
+        error = pending.pop()
+        if isinstance(error, ssl.SSLCertVerificationError):
+            cause = getattr(error, "certificate_error", error)
+            return getattr(cause, "verify_message", None) or str(cause)
+        pending.extend(e for e in getattr(error, "errors", ()) or () if isinstance(e, BaseException))
+    return None
 
 
 def _reason(exc: Any) -> str:

@@ -12,13 +12,16 @@ to the client layer, and this stub restores both:
 Everything else is forwarded to the osmem server, so a whole backend round
 trip can run through it. With ``flavor="elasticsearch"`` it answers like
 Elasticsearch 8 instead (root endpoint, product header, only the ``_pit``
-point-in-time endpoints), to exercise the other dialect. ``opensearch_stub`` (session-scoped) yields the
+point-in-time endpoints), to exercise the other dialect. Gzip-compressed
+request bodies (``Content-Encoding: gzip``, which the client sends when it
+connects by ``cloud_id``) are accepted, as real servers do. ``opensearch_stub`` (session-scoped) yields the
 stub's URL; it listens on 127.0.0.1 and a free port and is shut down at the
 end of the session.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import threading
@@ -55,6 +58,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        compressed = bool(body) and self.headers.get("Content-Encoding", "").lower() == "gzip"
+        if compressed:
+            body = gzip.decompress(body)
         accept = self.headers.get("Accept", "")
         content_type = self.headers.get("Content-Type", "")
         type(self).seen.append((self.command, self.path, accept, content_type))
@@ -83,7 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         connection = http.client.HTTPConnection(*self.upstream, timeout=60)
         try:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            dropped = ("host", "connection") + (("content-encoding", "content-length") if compressed else ())
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
             for name in ("Accept", "Content-Type"):  # the upstream refuses the vendor media type
                 if "vnd.elasticsearch+" in headers.get(name, ""):
                     headers[name] = headers[name].replace("vnd.elasticsearch+", "").split(";")[0]
