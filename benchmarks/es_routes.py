@@ -16,6 +16,11 @@ invocation on 127.0.0.1 and a free port, and stop by process id.
   ``helpers.async_scan`` (one scroll) plus ``RecordBatch.from_pylist`` of
   every B hits into the JSON form of the orders schema, then the same
   vectorized casts to the orders schema (timestamps, decimals).
+* ``es-to-memory-pit``: the same Ferry job as ``es-to-memory``; baseline
+  ``pit-search-after-from-pylist``: one bare point in time read page by page
+  (``search_after`` on ``_shard_doc``, 10,000 hits a page, as Ferry reads a
+  slice) plus the same ``from_pylist`` and casts. It separates what the
+  server's point in time costs from what Ferry adds.
 
 The osmem server answers 406 to the official client's vendor media type, so
 the baselines' client uses Ferry's plain-JSON node class (the same bytes on
@@ -213,22 +218,30 @@ def _json_schema(schema):
     return pa.schema([pa.field(f.name, json_type(f.type)) for f in schema])
 
 
-async def es_async_scan(ctx: RunContext, rows: int) -> BaselineResult:
-    """``helpers.async_scan`` + ``RecordBatch.from_pylist`` of every B hits, cast to the orders schema."""
+def _orders_converter():
+    """``convert(sources) -> rows``: ``RecordBatch.from_pylist`` into the JSON schema, cast to the orders schema."""
     import pyarrow as pa
-    from elasticsearch import helpers
 
     from ferry.backends.generator import ORDERS_SCHEMA
 
-    started = time.perf_counter()
-    client = _plain_client(_url(ctx))
     json_schema = _json_schema(ORDERS_SCHEMA)
-    seen = 0
 
     def convert(sources: list[dict]) -> int:
         batch = pa.RecordBatch.from_pylist(sources, schema=json_schema)
         columns = [c if c.type == f.type else c.cast(f.type) for c, f in zip(batch.columns, ORDERS_SCHEMA)]
         return pa.RecordBatch.from_arrays(columns, schema=ORDERS_SCHEMA).num_rows
+
+    return convert
+
+
+async def es_async_scan(ctx: RunContext, rows: int) -> BaselineResult:
+    """``helpers.async_scan`` + ``RecordBatch.from_pylist`` of every B hits, cast to the orders schema."""
+    from elasticsearch import helpers
+
+    started = time.perf_counter()
+    client = _plain_client(_url(ctx))
+    convert = _orders_converter()
+    seen = 0
 
     try:
         clock = time.perf_counter()
@@ -287,6 +300,69 @@ register(
         baseline_name="helpers-async-scan-from-pylist",
         baseline=es_async_scan,
         prepare=prepare_es_input_scroll,
+        services=osmem_service,
+    )
+)
+
+
+# -- es-to-memory-pit -----------------------------------------------------------------------
+
+ES_TO_MEMORY_PIT = "es-to-memory-pit"
+#: Hits per page of the bare point-in-time read (Ferry's default page for a point in time).
+PIT_PAGE_SIZE = 10000
+
+
+async def prepare_es_input_pit(ctx: RunContext, rows: int) -> None:
+    """The same input as es-to-memory (this route runs on its own server, so it loads its own copy)."""
+    await prepare_es_input(ctx, rows)
+
+
+async def es_pit_search_after(ctx: RunContext, rows: int) -> BaselineResult:
+    """One bare OpenSearch point in time, paged with ``search_after`` on ``_shard_doc``, + from_pylist and casts."""
+    started = time.perf_counter()
+    client = _plain_client(_url(ctx))
+    convert = _orders_converter()
+    seen = 0
+    headers = {"accept": "application/json", "content-type": "application/json"}
+    try:
+        clock = time.perf_counter()
+        opened = await client.perform_request(
+            "POST", "/bench-input/_search/point_in_time", params={"keep_alive": "5m"}, headers=headers
+        )
+        pit_id = opened.body["pit_id"]
+        after = None
+        while True:
+            body: dict[str, Any] = {
+                "size": PIT_PAGE_SIZE,
+                "pit": {"id": pit_id, "keep_alive": "5m"},
+                "sort": [{"_shard_doc": "asc"}],
+                "track_total_hits": False,
+            }
+            if after is not None:
+                body["search_after"] = after
+            response = await client.search(body=body)
+            hits = response.body["hits"]["hits"]
+            if not hits:
+                break
+            seen += convert([h["_source"] for h in hits])
+            after = hits[-1]["sort"]
+            if len(hits) < PIT_PAGE_SIZE:
+                break
+        ended = time.perf_counter()
+        await client.perform_request("DELETE", "/_search/point_in_time", body={"pit_id": [pit_id]}, headers=headers)
+    finally:
+        await client.close()
+    return BaselineResult(rows=seen, seconds=ended - clock, end_to_end_seconds=ended - started)
+
+
+register(
+    Route(
+        name=ES_TO_MEMORY_PIT,
+        description="osmem-server index -> Ferry's counting sink (point-in-time slices) against one bare point-in-time read",
+        ferry=ferry_es_to_memory,
+        baseline_name="pit-search-after-from-pylist",
+        baseline=es_pit_search_after,
+        prepare=prepare_es_input_pit,
         services=osmem_service,
     )
 )

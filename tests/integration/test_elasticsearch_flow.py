@@ -104,3 +104,52 @@ def test_refused_documents_go_to_the_rejects_file_with_on_error_collect(es_serve
     assert sorted(json.loads(r["row_key"])[0] for r in rejects) == [2, 4]
     assert all("mapper_parsing_exception" in r["reason"] for r in rejects)
     assert sorted(json.loads(r["record"])["n"] for r in rejects) == ["x", "y"]
+
+
+def _oversized_job(url: str, tmp_path, on_error: str) -> dict:
+    import pyarrow as pa
+
+    # Row 3's note is far over the target's document_max_bytes; the others are small.
+    notes = ["short", "short", "x" * 5000, "short"]
+    memory_store.put("notes", pa.table({"id": pa.array([1, 2, 3, 4], pa.int64()), "note": notes}))
+    return {
+        "name": "oversized",
+        "source": {"backend": "memory", "dataset": "notes"},
+        "target": {"backend": "elasticsearch", "hosts": [url], "dataset": "oversized", "document_max_bytes": 2000},
+        "mode": "replace",
+        "key": ["id"],
+        "on_error": on_error,
+        "rejects_dir": str(tmp_path),
+        "verify": True,
+        "stream": {"parallel": 1},
+    }
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_document_over_the_size_limit_is_kept_in_the_rejects_file(es_server, tmp_path):  # noqa: F811
+    import json
+
+    from ferry.tasks.rejects import read_rejects
+
+    wipe(es_server)
+    summary = asyncio.run(migrate(job=job_from_dict(_oversized_job(es_server, tmp_path, "collect"))))
+    assert summary["rows_written"] == 3 and summary["rows_rejected"] == 1
+    assert summary["verification"]["status"] == "passed"
+    (path,) = summary["rejects_files"]
+    (reject,) = read_rejects(path)
+    assert json.loads(reject["row_key"]) == [3]
+    assert "document_too_large" in reject["reason"] and "document_max_bytes" in reject["reason"]
+    assert len(json.loads(reject["record"])["note"]) == 5000  # the whole row is kept
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_document_over_the_size_limit_stops_the_run_naming_it(es_server, tmp_path):  # noqa: F811
+    from ferry.backends.errors import FerryError
+
+    wipe(es_server)
+    with pytest.raises(FerryError) as info:
+        asyncio.run(migrate(job=job_from_dict(_oversized_job(es_server, tmp_path, "fail"))))
+    message = str(info.value)
+    assert "oversized" in message and "document_too_large" in message
+    assert "document '3'" in message  # the refused document's id (from the key)
+    assert "on_error" in message or "collect" in message  # and what to do about it
