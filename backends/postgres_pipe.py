@@ -41,6 +41,7 @@ from .errors import ConfigurationError, FerryError, PermanentBackendError
 from .filters import Filter
 from .postgres_copy import translate_error
 from .postgres_write import merge_sql
+from .stream import run_together
 
 if TYPE_CHECKING:
     from .postgres import PostgresBackend
@@ -384,29 +385,10 @@ async def _pipe(
         )
         return _copied_rows(status)
 
-    rows_out, rows_in = await _together(produce(), consume())
+    rows_out, rows_in = await run_together(produce(), consume())
     if rows_out != rows_in:
         raise PermanentBackendError(f"{what}: the source sent {rows_out} rows but the target took {rows_in}")
     return rows_in, copied["bytes"]
-
-
-async def _together(*coroutines: Any) -> list[Any]:
-    """Run both ends of the pipe; the first failure cancels the other end and is raised."""
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    failed = [t for t in tasks if t in done and not t.cancelled() and t.exception() is not None]
-    if failed:
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        raise failed[0].exception()
-    return [t.result() for t in tasks]
 
 
 def _copied_rows(status: str) -> int:

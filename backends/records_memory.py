@@ -25,7 +25,7 @@ from .errors import ConfigurationError
 from .records import AsyncDatabase, coerce_ids
 from .records_model import BatchResult, Record, RecordError, batch_item, is_flat, normalize_id, private_copy
 from .records_query import Query
-from .records_reference import compile_filter, order_items, project
+from .records_reference import PageWindow, compile_filter, order_items, project
 
 __all__ = ["MemoryRecordStore", "MemoryRecordSettings"]
 
@@ -239,22 +239,17 @@ class MemoryRecordStore(AsyncDatabase):
                 yield [_record(key, rows[key], select) for key, _fields in chunk]
                 await asyncio.sleep(0)
             return
-        skipped = produced = 0
-        batch: list[Record] = []
+        window = PageWindow(offset, limit, batch_size)
         for scanned, (key, row) in enumerate(self._scan(), 1):
-            if limit is not None and produced >= limit:
+            if window.full:
                 break
-            if predicate(row[0]):
-                if skipped < offset:
-                    skipped += 1
-                else:
-                    batch.append(_record(key, row, select))
-                    produced += 1
-                    if len(batch) >= batch_size:
-                        yield batch
-                        batch = []
+            if predicate(row[0]) and not window.skips():
+                batch = window.add(_record(key, row, select))
+                if batch:
+                    yield batch
             if scanned % 10_000 == 0:
                 await asyncio.sleep(0)  # a long scan must not starve the loop
+        batch = window.rest()
         if batch:
             yield batch
 

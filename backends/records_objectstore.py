@@ -77,7 +77,7 @@ from .records_objectstore_layout import (
 from .records_objectstore_pushdown import prefilter
 from .records_objectstore_settings import ObjectStoreRecordSettings, split_config
 from .records_query import Query
-from .records_reference import compile_filter, ordered_batches, project
+from .records_reference import PageWindow, compile_filter, ordered_batches, project
 from .stream import thread_call
 
 __all__ = ["ObjectStoreRecordStore", "ObjectStoreRecordSettings", "CompactionResult"]
@@ -453,29 +453,26 @@ class ObjectStoreRecordStore(AsyncDatabase):
             for batch in ordered_batches({record.id: record for record in matches}, query, batch_size):
                 yield batch
             return
-        skipped = produced = 0
-        pending: list[Record] = []
+        window = PageWindow(offset, limit, batch_size)
         done = object()
         try:
-            while limit is None or produced < limit:
+            while not window.full:
                 found = await self._call("searching records", next, source, done)
                 if found is done:
                     break
                 for record in found:
-                    if skipped < offset:
-                        skipped += 1
+                    if window.skips():
                         continue
                     if select is not None:
                         record.fields = project(record.fields, select)
-                    pending.append(record)
-                    produced += 1
-                    if len(pending) >= batch_size:
-                        yield pending
-                        pending = []
-                    if limit is not None and produced >= limit:
+                    batch = window.add(record)
+                    if batch:
+                        yield batch
+                    if window.full:
                         break
-            if pending:
-                yield pending
+            batch = window.rest()
+            if batch:
+                yield batch
         finally:
             await thread_call(source.close)
 

@@ -39,7 +39,7 @@ from .postgres_sql import quote_ident
 from .records import AsyncDatabase, coerce_ids
 from .records_model import BatchResult, Record, RecordError, batch_item, normalize_id
 from .records_query import Query
-from .records_reference import compile_filter, ordered_batches, project, split_filter
+from .records_reference import PageWindow, compile_filter, ordered_batches, project, split_filter
 
 __all__ = ["PostgresRecordStore", "RecordIndex", "PostgresRecordSettings"]
 
@@ -440,8 +440,7 @@ class PostgresRecordStore(AsyncDatabase):
                     cursor = await conn.cursor(statement, *params.values)
                 except Exception as exc:
                     raise self._error(exc, "searching records") from None
-                skipped = produced = 0
-                pending: list[Record] = []
+                window = PageWindow(offset, limit, batch_size)
                 while True:
                     try:
                         rows = await cursor.fetch(batch_size)
@@ -456,22 +455,20 @@ class PostgresRecordStore(AsyncDatabase):
                         record = _record(row[0], row[1], row[2])
                         if not keep(record.fields):
                             continue
-                        if skipped < offset:
-                            skipped += 1
+                        if window.skips():
                             continue
                         if select is not None:
                             record.fields = project(record.fields, select)
-                        pending.append(record)
-                        produced += 1
-                        if len(pending) >= batch_size:
-                            yield pending
-                            pending = []
-                        if limit is not None and produced >= limit:
+                        batch = window.add(record)
+                        if batch:
+                            yield batch
+                        if window.full:
                             break
-                    if limit is not None and produced >= limit:
+                    if window.full:
                         break
-                if pending:
-                    yield pending
+                batch = window.rest()
+                if batch:
+                    yield batch
 
     async def _sorts_other_kinds(self, conn: Any, query: Query, pushed: Any) -> bool:
         """Whether a matching row holds, in a sort field, what only the reference orders (see other_kind_sql)."""

@@ -472,6 +472,42 @@ def ordered_batches(records: Mapping[str, Any], query: Query, batch_size: int) -
         yield batch
 
 
+class PageWindow:
+    """Offset, limit and batching over matches that arrive in query order (stores that filter as they scan).
+
+    Per match: ``skips()`` says whether it falls inside the offset (and counts
+    it); otherwise ``add(item)`` takes it and returns a full batch when one is
+    ready. ``full`` says the limit is reached; ``rest()`` is the last partial
+    batch.
+    """
+
+    def __init__(self, offset: int, limit: int | None, batch_size: int) -> None:
+        self.offset, self.limit, self.batch_size = offset, limit, batch_size
+        self.skipped = self.produced = 0
+        self._pending: list[Any] = []
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.produced >= self.limit
+
+    def skips(self) -> bool:
+        if self.skipped < self.offset:
+            self.skipped += 1
+            return True
+        return False
+
+    def add(self, item: Any) -> list[Any] | None:
+        self._pending.append(item)
+        self.produced += 1
+        if len(self._pending) >= self.batch_size:
+            return self.rest()
+        return None
+
+    def rest(self) -> list[Any]:
+        batch, self._pending = self._pending, []
+        return batch
+
+
 def project(fields: Mapping[str, Any], select: Sequence[str] | None) -> dict[str, Any]:
     """The selected fields that the record has (all of them when ``select`` is None)."""
     if select is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,3 +73,29 @@ async def thread_call(func, /, *args):
         except Exception:
             pass
         raise
+
+
+async def run_together(*coroutines: Any) -> list[Any]:
+    """Run coroutines together (pipeline stages, both ends of a pipe); the first failure cancels the others and is raised.
+
+    Unlike ``asyncio.gather`` this never leaves one side blocked on a queue or
+    pipe whose other end has died, and unlike a TaskGroup it raises the
+    original exception rather than an exception group.
+    """
+    import asyncio
+
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    failed = [t for t in tasks if t in done and not t.cancelled() and t.exception() is not None]
+    if failed:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise failed[0].exception()
+    return [t.result() for t in tasks]

@@ -16,22 +16,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 REQUIRED = ("route", "rows", "rows_per_s", "baseline", "baseline_rows_per_s")
+
+
+def json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each JSON line; blank lines are skipped, malformed ones with a warning."""
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            print(f"{path}:{number}: skipped, not JSON ({exc.msg})", file=sys.stderr)
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (blank and malformed lines are skipped)."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            print(f"{path}:{number}: skipped, not JSON ({exc.msg})", file=sys.stderr)
-            continue
+    for number, record in json_lines(path):
         if not isinstance(record, dict) or any(record.get(k) is None for k in REQUIRED):
             print(f"{path}:{number}: skipped, needs {', '.join(REQUIRED)}", file=sys.stderr)
             continue

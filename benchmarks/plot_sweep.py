@@ -26,14 +26,13 @@ for one point -- results appended over time -- only the newest (by
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .plot import human
+from .plot import human, json_lines
 
 REQUIRED = ("route", "rows", "rows_per_s", "sweep_setting", "sweep_value")
 COLORS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b7791f", "#c53030")
@@ -42,14 +41,7 @@ COLORS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b7791f", "#c53030")
 def load_sweeps(path: str | Path) -> list[dict[str, Any]]:
     """The sweep lines of a JSON-lines file; malformed lines are skipped with a warning, others silently."""
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            print(f"{path}:{number}: skipped, not JSON ({exc.msg})", file=sys.stderr)
-            continue
+    for number, record in json_lines(path):
         if not isinstance(record, dict) or "sweep_setting" not in record:
             continue  # a plain benchmark line: not part of any sweep
         if any(record.get(k) is None for k in REQUIRED):

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator
 
 import pyarrow as pa
 from prefect import task
@@ -31,7 +31,7 @@ from ferry.backends.checksum import Checksum
 from ferry.backends.errors import RejectLimitExceeded, TransientBackendError
 from ferry.backends.filters import Filter
 from ferry.backends.monitor import PerformanceMonitor
-from ferry.backends.stream import StreamConfig, split_batch
+from ferry.backends.stream import StreamConfig, run_together, split_batch
 
 from .progress import RunTracker
 from .rejects import RejectsSink
@@ -295,30 +295,6 @@ async def stream_copy(job: PartitionJob) -> dict[str, Any]:
     return result.to_dict()
 
 
-async def run_stages(*coroutines: Awaitable[Any]) -> list[Any]:
-    """Run pipeline stages together; the first failure cancels the others and is raised.
-
-    Unlike ``asyncio.gather`` this never leaves a stage blocked on a queue
-    whose other end has died, and unlike a TaskGroup it raises the original
-    exception rather than an exception group.
-    """
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-    if failed:
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        raise failed[0].exception()
-    return [t.result() for t in tasks]
-
-
 @task(name="migrate-partition", cache_policy=NO_CACHE, persist_result=False)
 async def migrate_partition(job: PartitionJob) -> dict[str, Any]:
     """One partition end to end: read -> transform -> write, overlapping through bounded queues."""
@@ -344,7 +320,7 @@ async def migrate_partition(job: PartitionJob) -> dict[str, Any]:
             written = await stream_copy.with_options(task_run_name=f"copy {job.pid}")(quote(job))
             transformed = {"rows_rejected": 0}
         else:
-            _, transformed, written = await run_stages(
+            _, transformed, written = await run_together(
                 # quote(): Prefect must not copy or walk the job (it holds queues and live handles).
                 stream_read.with_options(task_run_name=f"read {job.pid}")(quote(job), quote(raw)),
                 transform_batches.with_options(task_run_name=f"transform {job.pid}")(quote(job), quote(raw), quote(ready)),
