@@ -143,3 +143,24 @@ def test_sigterm_keeps_committed_append_partitions_only(tmp_path):
     files = sorted(p.name for p in (tmp_path / "out").rglob("*.parquet"))
     assert len(files) == len(committed)
     assert all(any(f"-{c}-" in name for name in files) for c in committed)
+
+
+def test_the_summary_lists_unreadable_files_with_the_rows_loaded_before_each_failure():
+    from ferry.flows.cli import render_summary
+
+    summary = {
+        "run_id": "r1", "job": "lake", "mode": "replace", "source": "objectstore /lake", "target": "objectstore /out",
+        "output": "/out/orders", "rows_read": 31_500, "rows_written": 31_500, "rows_rejected": 0,
+        "rows_per_s": 100_000, "data_seconds": 0.3, "end_to_end_seconds": 1.0, "partitions": ["p"] * 5, "files": 4,
+        "verification": {"status": "passed", "method": "row count"}, "rejects_files": [],
+        "unreadable_files": [
+            {"object": "/lake/orders/b.parquet", "step": "plan", "rows_read": 0, "reason": "magic bytes\nnot found"},
+            {"object": "/lake/orders/d.parquet", "step": "read", "rows_read": 1_500, "reason": "bad page"},
+        ],
+        "unreadable_report": "/rejects/lake/r1/unreadable-files.jsonl",
+    }
+    printed = render_summary(summary).splitlines()
+    assert "  not read      2 source file(s) could not be read and were left out (on_error: collect):" in printed
+    assert "                /lake/orders/b.parquet (plan): magic bytes not found" in printed
+    assert "                /lake/orders/d.parquet (read; 1,500 of its rows loaded before the failure): bad page" in printed
+    assert "                listed in /rejects/lake/r1/unreadable-files.jsonl" in printed

@@ -375,7 +375,13 @@ def test_collect_run_loads_the_readable_files_and_reports_the_others(tmp_path):
 
     printed = render_summary(summary)
     assert "not read      2 source file(s)" in printed
-    assert "b.parquet (plan)" in printed and f"d.parquet (read; {partial:,} of its rows loaded" in printed
+    assert "b.parquet (plan)" in printed
+    # Arrow's read-ahead may meet the broken page before any batch of d.parquet
+    # was handed on, so how many of its rows loaded first varies from run to run.
+    if partial:
+        assert f"d.parquet (read; {partial:,} of its rows loaded before the failure)" in printed
+    else:
+        assert "d.parquet (read):" in printed
 
     async def artifacts():
         async with get_client() as client:
