@@ -349,6 +349,16 @@ class Backend(Block, ABC):
         """
         return []
 
+    async def discard_run(self, dataset: str, run_id: str, mode: WriteMode) -> list[str]:
+        """Remove the unfinished output of ``run_id``, a run whose process is gone; one line per thing done.
+
+        Called after a flow run was cancelled or crashed without cleaning up
+        itself (``abort`` did not run). Only ``run_id``'s output goes:
+        committed append partitions stay, other runs are left alone. Stores
+        whose failed runs cannot leave anything behind keep this default.
+        """
+        return []
+
     async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
         """Lines ``ferry plan`` shows about how this target will write ``dataset`` (strategies, fallbacks)."""
         return []

@@ -460,6 +460,19 @@ class ElasticsearchBackend(Backend):
         self._live.pop("schemas", None)
 
 
+    async def discard_run(self, dataset: str, run_id: str, mode: WriteMode) -> list[str]:
+        """Delete the unfinished index of a dead replace run (an index behind the alias stays).
+
+        A dead append or upsert run's documents are data (bulk writes are
+        idempotent by id); the index settings its load changed are restored
+        by ``ferry repair``.
+        """
+        from .elasticsearch_write import discard_replace_index
+
+        if mode is not WriteMode.REPLACE:
+            return []
+        return await discard_replace_index(self, dataset, run_id)
+
     async def repair(self, dataset: str) -> list[str]:
         """Restore settings a crashed load left and delete its unfinished replace index."""
         from .elasticsearch_write import repair

@@ -406,7 +406,7 @@ async def abort(backend: "ElasticsearchBackend", dataset: str, ctx: WriteContext
     await backend._call(client.indices.refresh(index=index), index)
 
 
-__all__ = ["abort", "begin_write", "publish", "version_index", "write_partition"]
+__all__ = ["abort", "begin_write", "discard_replace_index", "publish", "version_index", "write_partition"]
 
 
 async def repair(backend: "ElasticsearchBackend", dataset: str) -> list[str]:
@@ -437,3 +437,20 @@ async def repair(backend: "ElasticsearchBackend", dataset: str) -> list[str]:
             values = ", ".join(f"{k} {v}" for k, v in sorted(ferry["saved_settings"].items()))
             done.append(f"restored {values} on {name}")
     return done
+
+
+async def discard_replace_index(backend: "ElasticsearchBackend", dataset: str, run_id: str) -> list[str]:
+    """Delete ``run_id``'s replace index unless the alias points at it (it was published)."""
+    client = backend._conn().client
+    index = version_index(dataset, run_id)
+    alias = await backend._call(client.options(ignore_status=404).indices.get_alias(name=dataset), dataset)
+    if alias.meta.status == 200 and index in alias.body:
+        return []
+    deleted = await backend._call(client.options(ignore_status=404).indices.delete(index=index), index)
+    await backend._call(
+        client.options(ignore_status=404).delete_by_query(
+            index=backend.ledger_index, query={"term": {"run_id": run_id}}, refresh=True
+        ),
+        backend.ledger_index,
+    )
+    return [f"deleted unfinished replace index {index} (run {run_id})"] if deleted.meta.status == 200 else []

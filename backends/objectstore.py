@@ -1074,7 +1074,20 @@ class ObjectStoreBackend(Backend):
         """
         return await self._run(f"repairing {self._display(self.dataset_path(dataset))}", self._repair, dataset)
 
+    async def discard_run(self, dataset: str, run_id: str, mode: WriteMode) -> list[str]:
+        """Remove a dead run's unpublished replace version or unfinished append files (not a published version)."""
+        return await self._run(
+            f"removing what run {run_id} left in {self._display(self.dataset_path(dataset))}",
+            lambda: self._discard_runs(dataset, [run_id]),
+        )
+
     def _repair(self, dataset: str) -> list[str]:
+        fs = self._filesystems().fs
+        runs = set(_child_names(fs, self._meta(dataset, "staging"))) | set(_child_names(fs, self._meta(dataset, "versions")))
+        return self._discard_runs(dataset, sorted(runs))
+
+    def _discard_runs(self, dataset: str, run_ids: list[str]) -> list[str]:
+        """Remove what ``run_ids`` left unfinished; the published version and its kept history stay."""
         fs = self._filesystems().fs
         done: list[str] = []
         manifest = self.manifest(dataset)
@@ -1082,20 +1095,15 @@ class ObjectStoreBackend(Backend):
         if manifest is not None:
             keep = {manifest["version"], *manifest.get("history", [])[: self.keep_versions]}
         data_path = self.data_path(dataset)
-        staging_root = self._meta(dataset, "staging")
-        for run_id in _child_names(fs, staging_root):
-            for partition_id in _child_names(fs, posixpath.join(staging_root, run_id)):
-                self._remove_partition_leftovers(
-                    data_path, posixpath.join(staging_root, run_id, partition_id), run_id, partition_id, False
-                )
+        for run_id in run_ids:
+            staging = self._meta(dataset, "staging", run_id)
+            for partition_id in _child_names(fs, staging):
+                self._remove_partition_leftovers(data_path, posixpath.join(staging, partition_id), run_id, partition_id, False)
                 done.append(f"removed unfinished append files of run {run_id}, partition {partition_id}")
-            _rm(fs, posixpath.join(staging_root, run_id))
-        versions_dir = self._meta(dataset, "versions")
-        for version in _child_names(fs, versions_dir):
-            if version not in keep:
-                _rm(fs, posixpath.join(versions_dir, version))
-                _rm(fs, self._meta(dataset, "commits", version))
-                done.append(f"removed unpublished replace version {version}")
+            _rm(fs, staging)
+            if run_id not in keep and _rm(fs, self._meta(dataset, "versions", run_id)):
+                _rm(fs, self._meta(dataset, "commits", run_id))
+                done.append(f"removed unpublished replace version {run_id}")
         return done
 
 

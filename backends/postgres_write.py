@@ -311,6 +311,14 @@ class PostgresWriteMixin:
         except Exception as exc:
             raise translate_error(exc, f"repairing {schema}.{table}") from None
 
+    async def discard_run(self, dataset: str, run_id: str, mode: WriteMode) -> list[str]:
+        """Drop the new table a dead replace run left (with every other dead run's; live runs keep theirs).
+
+        Append and upsert partitions commit whole, with their ledger rows, and
+        upsert staging tables are temporary: a dead run leaves nothing else.
+        """
+        return await self.repair(dataset)
+
     async def plan_notes(self, dataset: str, mode: WriteMode) -> list[str]:
         """How replace and upsert will run against this table (shown by ``ferry plan``)."""
         if mode is WriteMode.UPSERT:

@@ -7,7 +7,8 @@ thread of Prefect's thread pool task runner, on its own loop with its own
 pools. Transient errors retry a partition (Prefect task retries); writes are
 idempotent per (run, partition), so a retry never duplicates data. If the run
 fails or is interrupted, the target's ``abort`` removes this run's unfinished
-output and the summary lists what was committed.
+output and the summary lists what was committed; when Prefect ends the flow
+process before that can run, the worker does it (see ``stopped``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ferry.tasks.report import publish_artifacts, publish_stopped_artifact
 
 from .planning import Plan, plan_job
 from .spec import JobSpec, build_backend, job_from_dict, literal_secrets, load_job
+from .stopped import clean_up_stopped_run, label_flow_run
 
 #: How often the flow logs progress on long runs.
 PROGRESS_LOG_SECONDS = 15.0
@@ -122,7 +124,13 @@ async def verify_task(
     return result
 
 
-@flow(name="ferry-migrate", log_prints=False)
+@flow(
+    name="ferry-migrate",
+    log_prints=False,
+    # A run stopped before it could clean up (a hard cancel, a crash) is cleaned up by the worker.
+    on_cancellation=[clean_up_stopped_run],
+    on_crashed=[clean_up_stopped_run],
+)
 async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Move a dataset from a source to a target as described by a job.
 
@@ -137,7 +145,9 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
         run_id: The run id that names files and rejects; a new one when empty.
             Give a failed run's id to resume it.
     """
+    job_file = None
     if isinstance(job, (str, os.PathLike)):
+        job_file = str(job)
         job = load_job(job, overrides)
     else:
         # A job given as parameters is stored in plain text by Prefect: secrets
@@ -152,6 +162,7 @@ async def migrate(job: JobSpec | str, overrides: list[str] | None = None, run_id
             )
         job = job_from_dict(job.model_dump(mode="json"), overrides=overrides)
     run_id = run_id or new_run_id()
+    await label_flow_run(run_id, job_file)
     tracker = tracker_for(run_id)
     tracker.keeps_committed_on_stop = job.mode is not WriteMode.REPLACE
     logger = _logger()

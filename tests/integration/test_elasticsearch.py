@@ -299,6 +299,31 @@ def test_replace_killed_mid_load_leaves_the_alias_on_the_old_complete_index(es):
     assert asyncio.run(repair()) == []
 
 
+def test_discarding_a_dead_replace_run_deletes_its_index_and_never_the_published_one(es):
+    from ferry.backends.elasticsearch_write import version_index
+
+    table = pa.table({"id": pa.array(range(20), pa.int64())})
+
+    async def scenario():
+        async with ElasticsearchBackend(hosts=[es]) as backend:
+            await _write(backend, "dead", table, mode=WriteMode.REPLACE, run_id="first", key=("id",))
+            ctx = WriteContext(run_id="stopped", job_name="j", mode=WriteMode.REPLACE, schema=table.schema, key=("id",))
+            await backend.begin_write("dead", ctx)
+            await backend.write("dead", "p0", _stream(table, rows=5), ctx)  # ...and the process dies
+            published = await backend.discard_run("dead", "first", WriteMode.REPLACE)
+            appended = await backend.discard_run("dead", "stopped", WriteMode.APPEND)
+            discarded = await backend.discard_run("dead", "stopped", WriteMode.REPLACE)
+            again = await backend.discard_run("dead", "stopped", WriteMode.REPLACE)
+            return published, appended, discarded, again
+
+    published, appended, discarded, again = asyncio.run(scenario())
+    assert published == [] and appended == [] and again == []
+    assert discarded == [f"deleted unfinished replace index {version_index('dead', 'stopped')} (run stopped)"]
+    assert list(_http(f"{es}/_alias/dead")) == [version_index("dead", "first")]
+    _http(f"{es}/dead/_refresh", "POST")
+    assert _http(f"{es}/dead/_count")["count"] == 20
+
+
 def _settings(url: str, index: str) -> dict:
     body = _http(f"{url}/{index}/_settings")
     return next(iter(body.values()))["settings"]["index"]

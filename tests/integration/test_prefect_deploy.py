@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -68,39 +70,78 @@ def test_deploy_all_and_run_demo_nightly_through_a_worker(prefect_server: Prefec
     assert "Verification**: passed" in summary["data"]
 
 
-def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectServer, tmp_path):  # noqa: F811
-    project = _deployed_project(prefect_server, tmp_path)
+def _start_a_big_replace(server: PrefectServer, tmp_path: Path) -> tuple[Path, subprocess.Popen, str]:
+    """A deployment run of a replace far too big to finish, once it has written its first file.
+
+    Returns the project folder, the worker and the flow run's id.
+    """
+    project = _deployed_project(server, tmp_path)
     (project / "big.yaml").write_text(
         "name: big-cancel\n"
-        "source: {backend: memory, dataset: orders, generate: {rows: 20000000}}\n"
+        "source: {backend: memory, dataset: orders, generate: {rows: 500000000}}\n"
         "target: {backend: local, url: ./out, dataset: orders}\n"
         "mode: replace\n"
         "verify: false\n"
         "stream: {batch_size: 8192, parallel: 1}\n"
     )
-    worker = prefect_server.start_worker("ferry-process", cwd=project)
-    started = prefect_server.cli("deployment", "run", "ferry-migrate/migrate-job", "--param", "job=big.yaml", cwd=project)
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    worker = server.start_worker("ferry-process", cwd=project)
+    flow_run_id = server.run_deployment("ferry-migrate/migrate-job", "job=big.yaml", cwd=project)
     output = project / "out"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(output.rglob("*.parquet")):
         time.sleep(0.5)
     assert list(output.rglob("*.parquet")), "the run never started writing"
+    return project, worker, flow_run_id
+
+
+def _assert_nothing_left(project: Path) -> None:
+    """The stopped replace left nothing behind: no staged files, no unpublished version."""
+    assert not list((project / "out").rglob("*.parquet"))
+    assert not (project / "out" / "orders" / "_ferry" / "CURRENT").exists()
+
+
+def test_cancelling_a_running_deployment_run_cleans_up(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    project, worker, flow_run_id = _start_a_big_replace(prefect_server, tmp_path)
 
     prefect_server.cli("flow-run", "cancel", flow_run_id)
     run = _wait_for_flow_run(prefect_server, flow_run_id, timeout=180)
+    # The worker runs the flow's on_cancellation hook after the flow process is gone.
+    _wait_for_hook(prefect_server, worker)
     prefect_server.stop_worker(worker)
     assert run["state_type"] == "CANCELLED", run["state"]
-
-    # The killed replace left nothing behind: no staged files, no unpublished version.
-    assert not list((project / "out").rglob("*.parquet"))
-    assert not (project / "out" / "orders" / "_ferry" / "CURRENT").exists()
+    # Cleaned up by the flow itself (a graceful cancel) or by the worker's hook (a hard one).
+    _assert_nothing_left(project)
     with prefect_server.api() as api:
         artifacts = api.post(
             "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
         ).json()
     stopped = [a for a in artifacts if a["key"] == "ferry-big-cancel-summary"]
-    assert stopped and "Committed partitions**: none" in stopped[0]["data"]
+    if stopped:  # only a graceful cancel lets the flow publish its own summary
+        assert "Committed partitions**: none" in stopped[0]["data"]
+
+
+def test_a_flow_process_killed_mid_load_is_cleaned_up_by_the_worker(prefect_server: PrefectServer, tmp_path):  # noqa: F811
+    project, worker, flow_run_id = _start_a_big_replace(prefect_server, tmp_path)
+    with prefect_server.api() as api:
+        infrastructure_pid = api.get(f"/flow_runs/{flow_run_id}").json()["infrastructure_pid"]
+    os.kill(int(str(infrastructure_pid).rsplit(":", 1)[-1]), signal.SIGKILL)  # no chance to clean up itself
+
+    run = _wait_for_flow_run(prefect_server, flow_run_id, timeout=180)
+    assert run["state_type"] == "CRASHED", run["state"]
+    output = _wait_for_hook(prefect_server, worker)
+    prefect_server.stop_worker(worker)
+    assert re.search(r"run \S+: removed unpublished replace version", output), output[-3000:]
+    _assert_nothing_left(project)
+
+
+def _wait_for_hook(server: PrefectServer, worker: subprocess.Popen, timeout: float = 60) -> str:
+    """The worker's output once it ran the flow's clean-up hook."""
+    deadline = time.monotonic() + timeout
+    done = re.compile(r"run \S+( left nothing to clean up on |: removed )")
+    while not done.search(output := server.worker_output(worker)):
+        assert time.monotonic() < deadline, f"the worker did not run the clean-up hook:\n{output[-4000:]}"
+        time.sleep(0.5)
+    return output
 
 
 def test_blocks_register_and_a_saved_block_runs_a_job(prefect_server: PrefectServer, tmp_path):  # noqa: F811

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ferry.backends.base import WriteContext, WriteMode
 from ferry.backends.objectstore import ObjectStoreBackend
@@ -28,11 +29,11 @@ def _ferry(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*FERRY, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
 
 
-async def _leave_an_unpublished_replace(root: Path) -> None:
+async def _leave_an_unpublished_replace(root: Path, run_id: str = "killed") -> None:
     """A replace run that committed one partition and died before publishing."""
     table = pa.table({"order_id": pa.array(range(10), pa.int64())})
     async with ObjectStoreBackend(url=str(root)) as backend:
-        ctx = WriteContext(run_id="killed", job_name="repair-me", mode=WriteMode.REPLACE, schema=table.schema)
+        ctx = WriteContext(run_id=run_id, job_name="repair-me", mode=WriteMode.REPLACE, schema=table.schema)
         await backend.begin_write("orders", ctx)
 
         async def batches():
@@ -87,3 +88,41 @@ def test_repair_on_a_store_with_nothing_to_undo_says_so(tmp_path):
     result = _ferry("repair", str(job), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "memory:copy: nothing to repair"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_stopped_run_hook_removes_that_runs_leftovers_only(tmp_path, monkeypatch):
+    """What the worker runs after a hard cancel or a crash: the labelled run's output goes, nothing else."""
+    import uuid
+
+    from prefect.client.schemas.objects import FlowRun
+
+    from ferry.flows.migrate import migrate
+    from ferry.flows.stopped import JOB_FILE_LABEL, RUN_ID_LABEL, clean_up_stopped_run
+
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    first = _ferry("run", str(job), "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    versions = tmp_path / "out" / "orders" / "_ferry" / "versions"
+    [published] = os.listdir(versions)
+    asyncio.run(_leave_an_unpublished_replace(tmp_path / "out", "stopped"))
+    asyncio.run(_leave_an_unpublished_replace(tmp_path / "out", "another"))
+    monkeypatch.chdir(tmp_path)  # the worker's folder: the job's relative paths resolve there, as in the flow
+
+    def flow_run(labels: dict) -> FlowRun:
+        return FlowRun(id=uuid.uuid4(), name="stopped-run", flow_id=uuid.uuid4(), labels=labels, parameters={"job": "job.yaml"})
+
+    # A flow run stopped before Ferry started a run of its own: nothing is touched.
+    asyncio.run(clean_up_stopped_run(migrate, flow_run({}), None))
+    assert sorted(os.listdir(versions)) == sorted([published, "stopped", "another"])
+
+    stopped = flow_run({RUN_ID_LABEL: "stopped", JOB_FILE_LABEL: str(job)})
+    asyncio.run(clean_up_stopped_run(migrate, stopped, None))
+    assert sorted(os.listdir(versions)) == sorted([published, "another"])
+    assert not (tmp_path / "out" / "orders" / "_ferry" / "commits" / "stopped").exists()
+
+    # Labelled with the published run itself (it stopped after publishing): the data stays.
+    asyncio.run(clean_up_stopped_run(migrate, flow_run({RUN_ID_LABEL: published, JOB_FILE_LABEL: str(job)}), None))
+    assert published in os.listdir(versions)
+    assert pq.read_table(versions / published).num_rows == 5000
