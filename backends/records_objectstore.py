@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import posixpath
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, ClassVar, Iterable, Iterator
@@ -122,6 +123,8 @@ class ObjectStoreRecordStore(AsyncDatabase):
         self._pending: dict[str, tuple[str, bool]] = {}
         self._pair: Any = None
         self._reader: FileReader | None = None
+        #: time.monotonic() when the listing the index holds was started; None: list before the next use.
+        self._listed_at: float | None = None
 
     @classmethod
     async def open(cls, config: Any) -> "ObjectStoreRecordStore":
@@ -163,10 +166,18 @@ class ObjectStoreRecordStore(AsyncDatabase):
 
     # -- the index ---------------------------------------------------------------------
 
-    def _refresh(self) -> None:
-        """Bring the index up to the folder's listing (caller holds the lock)."""
+    def _refresh(self, *, fresh: bool = False) -> None:
+        """Bring the index up to the folder's listing (caller holds the lock).
+
+        A listing younger than ``listing_max_age_seconds`` is reused unless
+        ``fresh`` is asked for (compaction) or a listed file vanished since.
+        """
+        max_age = self.settings.listing_max_age_seconds
+        if not fresh and max_age and self._listed_at is not None and time.monotonic() - self._listed_at < max_age:
+            return
         reader = self._reader
         for _ in range(ATTEMPTS):
+            started = time.monotonic()
             listed = list_record_files(self._pair.fs, self.folder)
             reader.sizes.update(listed)
             new = [path for path in listed if path not in self._index.files]
@@ -180,8 +191,13 @@ class ObjectStoreRecordStore(AsyncDatabase):
             self._index.keep_only(listed)
             for path in new:
                 self._index.add(path, keys[path])
+            self._listed_at = started
             return
         raise _busy("listing")
+
+    def _listing_outdated(self) -> None:
+        """A listed file is gone (compacted by another store): the next operation lists again."""
+        self._listed_at = None
 
     def _live_after(self, record_id: str) -> bool:
         """Whether ``record_id`` is live once this store's writes in flight land (caller holds the lock)."""
@@ -315,6 +331,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
                 pass
             self._reader.forget(list(self._index.files))
             self._index = RecordIndex()
+            self._listed_at = None
 
     # -- reads -------------------------------------------------------------------------
 
@@ -344,6 +361,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
                             found[record_id] = (fields, metadata)
             except Exception as exc:
                 if vanished(exc):
+                    self._listing_outdated()
                     continue
                 raise
             # One Record per position: a repeated id gives independent copies.
@@ -437,6 +455,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
                 return
             except Exception as exc:
                 if vanished(exc):
+                    self._listing_outdated()
                     continue
                 raise
         raise _busy("reading records")
@@ -492,7 +511,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
     def _compact(self) -> CompactionResult:
         for _ in range(ATTEMPTS):
             with self._lock:
-                self._refresh()
+                self._refresh(fresh=True)
                 if not self._index.needs_compaction():
                     return CompactionResult(files_read=len(self._index.files))
                 files = sorted(self._index.files)

@@ -34,6 +34,15 @@ class ObjectStoreRecordSettings(BaseModel):
         ge=0,
         description="compact() keeps a delete's tombstone this long, so that a slower writer's older version cannot bring the record back.",
     )
+    listing_max_age_seconds: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "How long a listing of the folder is reused before the next operation lists again; 0: every operation "
+            "lists. Above 0, other writers' records show up to this late (this store's own at once) and a create "
+            "checks ids against that older listing; single-record calls then skip the LIST."
+        ),
+    )
     file_cache_bytes: int = Field(
         128 * 1024 * 1024,
         ge=0,

@@ -370,6 +370,41 @@ def test_a_second_store_sees_and_orders_the_first_ones_writes(tmp_path):
     _run(main())
 
 
+def test_a_reused_listing_shows_other_writers_late_and_its_own_writes_at_once(tmp_path):
+    async def main():
+        # file_cache_bytes 0: a file compacted away cannot be served from memory, it must be found again.
+        lazy = await AsyncDatabase.create(
+            "local", {"url": str(tmp_path), "listing_max_age_seconds": 1.0, "file_cache_bytes": 0}
+        )
+        other = await AsyncDatabase.create("local", {"url": str(tmp_path)})
+        assert await lazy.count() == 0  # lists the (empty) folder
+        await other.create(Record({"v": 1}, id="x"))
+        await lazy.create(Record({"v": 2}, id="mine"))
+        # Within the listing's age: the other store's record is not seen yet, its own is.
+        assert not await lazy.exists("x") and (await lazy.read("mine")).fields == {"v": 2}
+        await asyncio.sleep(1.1)
+        assert (await lazy.read("x")).fields == {"v": 1} and await lazy.count() == 2
+
+        await lazy.close()
+
+        # Another store compacts away the files a young listing holds: a read lists again and finds the merged file.
+        await other.create_batch([Record({"n": i}, id=f"r{i}") for i in range(50)])
+        await other.update_batch([(f"r{i}", Record({"n": -i})) for i in range(10)])
+        patient = await AsyncDatabase.create(
+            "local", {"url": str(tmp_path), "listing_max_age_seconds": 600, "file_cache_bytes": 0}
+        )
+        assert await patient.count() == 52
+        assert (await other.compact()).files_read == 4
+        records = {r.id: r.fields for r in await patient.search(Query())}
+        assert len(records) == 52 and records["r3"] == {"n": -3} and records["r30"] == {"n": 30}
+        await other.create(Record({"v": 3}, id="late"))
+        assert await patient.read_batch(["r5", "x", "late"]) == [Record({"n": -5}, id="r5"), Record({"v": 1}, id="x"), None]
+        await patient.close()
+        await other.close()
+
+    _run(main())
+
+
 def test_concurrent_creates_of_one_id_in_one_store_succeed_once(tmp_path):
     async def main():
         db = await AsyncDatabase.create("local", {"url": str(tmp_path)})
