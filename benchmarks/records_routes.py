@@ -25,8 +25,10 @@ store, records built outside the clock as the guide builds them,
 A store with a bare-driver baseline (Postgres: asyncpg ``copy_records_to_table``
 of the same records) reports it on its write lines as ``baseline_rows_per_s``
 and ``ratio``; memory has none (there is no driver below it), which its lines
-say with ``baseline`` null and a ``note``. A store joins by adding a
-:class:`RecordBench` to ``RECORD_BACKENDS``. No Prefect flow runs here.
+say with ``baseline`` null and a ``note``. ``s3-listing-5s`` is the S3 store
+again with ``listing_max_age_seconds: 5``, on the same moto server. A store
+joins by adding a :class:`RecordBench` to ``RECORD_BACKENDS``. No Prefect
+flow runs here.
 """
 
 from __future__ import annotations
