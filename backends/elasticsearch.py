@@ -459,7 +459,6 @@ class ElasticsearchBackend(Backend):
         await asyncio.shield(abort(self, dataset, ctx))
         self._live.pop("schemas", None)
 
-
     async def discard_run(self, dataset: str, run_id: str, mode: WriteMode) -> list[str]:
         """Delete the unfinished index of a dead replace run (an index behind the alias stays).
 

@@ -393,13 +393,7 @@ async def abort(backend: "ElasticsearchBackend", dataset: str, ctx: WriteContext
     if index is None:
         return
     if ctx.mode is WriteMode.REPLACE:
-        await backend._call(client.options(ignore_status=404).indices.delete(index=index), index)
-        await backend._call(
-            client.options(ignore_status=404).delete_by_query(
-                index=backend.ledger_index, query={"term": {"run_id": ctx.run_id}}, refresh=True
-            ),
-            backend.ledger_index,
-        )
+        await _delete_replace_index(backend, index, ctx.run_id)
         return
     if ctx.state.get("es_created") or ctx.state.get("es_tuned"):
         await _restore_settings(backend, index)
@@ -446,6 +440,14 @@ async def discard_replace_index(backend: "ElasticsearchBackend", dataset: str, r
     alias = await backend._call(client.options(ignore_status=404).indices.get_alias(name=dataset), dataset)
     if alias.meta.status == 200 and index in alias.body:
         return []
+    if await _delete_replace_index(backend, index, run_id):
+        return [f"deleted unfinished replace index {index} (run {run_id})"]
+    return []
+
+
+async def _delete_replace_index(backend: "ElasticsearchBackend", index: str, run_id: str) -> bool:
+    """Delete a replace run's index and its ledger entries; True when the index was there."""
+    client = backend._conn().client
     deleted = await backend._call(client.options(ignore_status=404).indices.delete(index=index), index)
     await backend._call(
         client.options(ignore_status=404).delete_by_query(
@@ -453,4 +455,4 @@ async def discard_replace_index(backend: "ElasticsearchBackend", dataset: str, r
         ),
         backend.ledger_index,
     )
-    return [f"deleted unfinished replace index {index} (run {run_id})"] if deleted.meta.status == 200 else []
+    return deleted.meta.status == 200

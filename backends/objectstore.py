@@ -1078,7 +1078,7 @@ class ObjectStoreBackend(Backend):
         """Remove a dead run's unpublished replace version or unfinished append files (not a published version)."""
         return await self._run(
             f"removing what run {run_id} left in {self._display(self.dataset_path(dataset))}",
-            lambda: self._discard_runs(dataset, [run_id]),
+            self._discard_runs, dataset, [run_id],
         )
 
     def _repair(self, dataset: str) -> list[str]:

@@ -196,7 +196,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
         raise _busy("listing")
 
     def _listing_outdated(self) -> None:
-        """A listed file is gone (compacted by another store): the next operation lists again."""
+        """The next operation lists again (a listed file is gone, or the folder was cleared)."""
         self._listed_at = None
 
     def _live_after(self, record_id: str) -> bool:
@@ -331,7 +331,7 @@ class ObjectStoreRecordStore(AsyncDatabase):
                 pass
             self._reader.forget(list(self._index.files))
             self._index = RecordIndex()
-            self._listed_at = None
+            self._listing_outdated()
 
     # -- reads -------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 import pyarrow as pa
@@ -62,8 +63,6 @@ async def thread_call(func, /, *args):
     in the thread (a crash in Arrow's C++). Here the cancellation is delivered
     only after the thread's call has returned.
     """
-    import asyncio
-
     future = asyncio.ensure_future(asyncio.to_thread(func, *args))
     try:
         return await asyncio.shield(future)
@@ -82,8 +81,6 @@ async def run_together(*coroutines: Any) -> list[Any]:
     pipe whose other end has died, and unlike a TaskGroup it raises the
     original exception rather than an exception group.
     """
-    import asyncio
-
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
